@@ -1,0 +1,104 @@
+"""What the driver contract suite needs from each peer: a driver and moves that are valid on it.
+
+Every driver kind provides a ``Harness`` subclass (see ``conftest.py``); the default picks below read
+the driver's own inventory, so a harness only overrides what its peer does differently.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from drivers.base import (
+    Capability,
+    Driver,
+    Inventory,
+    MigrationResult,
+    MigrationSpec,
+    Placement,
+    PowerState,
+    ProgressUpdate,
+    VirtualMachine,
+)
+
+
+class Harness:
+    kind = ""
+
+    def __init__(self, driver: Driver):
+        self.driver = driver
+
+    # -- peers override these --------------------------------------------------------------
+    def independent_placement(self, vm_ref: str) -> Placement:
+        """Where the VM is, read without going through the driver (pyvmomi, virsh, the sim state)."""
+        return self.driver.placement(vm_ref)
+
+    def slow_spec(self) -> MigrationSpec:
+        """A move that lasts several seconds, for cancel tests (drivers with CANCEL)."""
+        raise NotImplementedError(f"{self.kind} harness has no slow move; it cannot test cancel")
+
+    def guest_alive(self, vm_ref: str) -> bool:
+        """Proof the guest kept running through a move (libvirt: the tick counter advances)."""
+        return self.driver.placement(vm_ref) is not None
+
+    # -- generic picks from inventory -----------------------------------------------------
+    def _running_vms(self, inv: Inventory) -> list[VirtualMachine]:
+        return [vm for vm in inv.vms if vm.power_state == PowerState.ON and not any(t.startswith("sim:") for t in vm.tags)]
+
+    def compute_spec(self) -> MigrationSpec:
+        inv = self.driver.inventory()
+        hosts = {h.ref: h for h in inv.hosts}
+        stores = {d.ref: d for d in inv.datastores}
+        for vm in self._running_vms(inv):
+            source = hosts[vm.host_ref]
+            for host in inv.hosts:
+                if (
+                    host.ref != source.ref
+                    and host.cluster_ref == source.cluster_ref
+                    and host.connected
+                    and not host.maintenance
+                    and all(host.ref in stores[ds].host_refs for ds in vm.datastore_refs)
+                ):
+                    return MigrationSpec(vm.ref, target_host_ref=host.ref)
+        raise AssertionError("the peer's inventory offers no valid compute move")
+
+    def storage_spec(self) -> MigrationSpec:
+        inv = self.driver.inventory()
+        for vm in self._running_vms(inv):
+            for ds in inv.datastores:
+                if (
+                    ds.ref not in vm.datastore_refs
+                    and vm.host_ref in ds.host_refs
+                    and ds.accessible
+                    and ds.free_bytes > vm.disk_bytes
+                ):
+                    return MigrationSpec(vm.ref, target_datastore_ref=ds.ref)
+        raise AssertionError("the peer's inventory offers no valid storage move")
+
+    def both_spec(self) -> MigrationSpec:
+        inv = self.driver.inventory()
+        hosts = {h.ref: h for h in inv.hosts}
+        for vm in self._running_vms(inv):
+            source = hosts[vm.host_ref]
+            for host in inv.hosts:
+                if host.ref == source.ref or host.cluster_ref != source.cluster_ref or host.maintenance or not host.connected:
+                    continue
+                for ds in inv.datastores:
+                    if ds.ref not in vm.datastore_refs and host.ref in ds.host_refs and ds.free_bytes > vm.disk_bytes:
+                        return MigrationSpec(vm.ref, target_host_ref=host.ref, target_datastore_ref=ds.ref)
+        raise AssertionError("the peer's inventory offers no valid combined move")
+
+    # -- running a move -------------------------------------------------------------------
+    def migrate(self, spec: MigrationSpec, cancel: threading.Event | None = None) -> tuple[MigrationResult, list[ProgressUpdate]]:
+        updates: list[ProgressUpdate] = []
+        result = self.driver.migrate(spec, on_progress=updates.append, cancel=cancel or threading.Event())
+        return result, updates
+
+
+def required(capability: Capability):
+    """Mark a contract test as applying only to drivers with this capability (see conftest)."""
+
+    def mark(fn):
+        fn.required_capability = capability
+        return fn
+
+    return mark

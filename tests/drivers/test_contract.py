@@ -1,0 +1,171 @@
+"""The driver contract: every driver (simulator, vCenter via vcsim, libvirt via the KVM lab) passes
+these same tests against a real peer. See conftest.py for how peers are chosen and started."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from drivers.base import (
+    PHASE_ORDER,
+    Capability,
+    DriverError,
+    InvalidState,
+    MigrationCancelled,
+    MigrationSpec,
+    NotFound,
+    Phase,
+    ProgressUpdate,
+    TaskState,
+)
+from tests.drivers.harness import required
+
+
+def assert_progress_well_formed(updates: list[ProgressUpdate]) -> None:
+    assert updates, "the driver reported no progress at all"
+    percents = [u.percent for u in updates]
+    assert all(0.0 <= p <= 100.0 for p in percents), percents
+    assert percents == sorted(percents), f"percent went backwards: {percents}"
+    phases = [PHASE_ORDER.index(u.phase) for u in updates]
+    assert phases == sorted(phases), f"phases out of order: {[u.phase for u in updates]}"
+    assert updates[-1].phase == Phase.DONE and updates[-1].percent == 100.0
+    assert all(u.percent < 100.0 for u in updates[:-1]), "100 % reported before the end"
+
+
+def test_inventory_is_self_consistent(harness):
+    inv = harness.driver.inventory()
+    clusters = {c.ref for c in inv.clusters}
+    hosts = {h.ref for h in inv.hosts}
+    stores = {d.ref for d in inv.datastores}
+    assert inv.hosts and inv.datastores and inv.vms
+    assert all(h.cluster_ref in clusters for h in inv.hosts)
+    assert all(c.datacenter_ref in {d.ref for d in inv.datacenters} for c in inv.clusters)
+    for ds in inv.datastores:
+        assert 0 <= ds.free_bytes <= ds.capacity_bytes, ds
+        assert set(ds.host_refs) <= hosts, ds
+    for vm in inv.vms:
+        assert vm.host_ref in hosts, vm
+        assert vm.memory_bytes > 0 and vm.vcpus > 0, vm
+        assert vm.disks and all(d.datastore_ref in stores and d.capacity_bytes > 0 for d in vm.disks), vm
+    assert len({vm.ref for vm in inv.vms}) == len(inv.vms), "VM refs are not unique"
+
+
+def test_placement_matches_inventory(harness):
+    inv = harness.driver.inventory()
+    vm = inv.vms[0]
+    placement = harness.driver.placement(vm.ref)
+    assert placement.host_ref == vm.host_ref
+    assert dict(placement.disk_datastores) == {d.key: d.datastore_ref for d in vm.disks}
+
+
+def test_placement_of_unknown_vm_raises_not_found(harness):
+    with pytest.raises(NotFound):
+        harness.driver.placement("no-such-vm-ref")
+
+
+@required(Capability.COMPUTE_MIGRATION)
+def test_compute_migration_moves_the_vm_and_reports_progress(harness):
+    spec = harness.compute_spec()
+    before = harness.independent_placement(spec.vm_ref)
+    result, updates = harness.migrate(spec)
+    after = harness.independent_placement(spec.vm_ref)
+    assert after.host_ref == spec.target_host_ref != before.host_ref
+    assert dict(after.disk_datastores) == dict(before.disk_datastores)
+    assert result.placement.host_ref == spec.target_host_ref
+    assert_progress_well_formed(updates)
+    assert harness.guest_alive(spec.vm_ref)
+
+
+@required(Capability.STORAGE_MIGRATION)
+def test_storage_migration_moves_every_disk(harness):
+    spec = harness.storage_spec()
+    before = harness.independent_placement(spec.vm_ref)
+    result, updates = harness.migrate(spec)
+    after = harness.independent_placement(spec.vm_ref)
+    assert after.host_ref == before.host_ref
+    assert set(after.disk_datastores.values()) == {spec.target_datastore_ref}
+    assert dict(result.placement.disk_datastores) == dict(after.disk_datastores)
+    assert_progress_well_formed(updates)
+    assert harness.guest_alive(spec.vm_ref)
+
+
+@required(Capability.COMBINED_MIGRATION)
+def test_combined_migration_moves_host_and_disks(harness):
+    spec = harness.both_spec()
+    _, updates = harness.migrate(spec)
+    after = harness.independent_placement(spec.vm_ref)
+    assert after.host_ref == spec.target_host_ref
+    assert set(after.disk_datastores.values()) == {spec.target_datastore_ref}
+    assert_progress_well_formed(updates)
+
+
+def test_migration_to_unknown_host_raises_not_found_and_moves_nothing(harness):
+    spec = harness.compute_spec()
+    before = harness.independent_placement(spec.vm_ref)
+    with pytest.raises(NotFound):
+        harness.migrate(MigrationSpec(spec.vm_ref, target_host_ref="no-such-host-ref"))
+    assert harness.independent_placement(spec.vm_ref) == before
+
+
+def test_migration_of_unknown_vm_raises_not_found(harness):
+    spec = harness.compute_spec()
+    with pytest.raises(NotFound):
+        harness.migrate(MigrationSpec("no-such-vm-ref", target_host_ref=spec.target_host_ref))
+
+
+def test_migration_to_the_current_host_is_refused(harness):
+    spec = harness.compute_spec()
+    here = harness.independent_placement(spec.vm_ref).host_ref
+    with pytest.raises(InvalidState):
+        harness.migrate(MigrationSpec(spec.vm_ref, target_host_ref=here))
+    assert harness.independent_placement(spec.vm_ref).host_ref == here
+
+
+def test_errors_carry_a_human_explanation(harness):
+    with pytest.raises(DriverError) as err:
+        harness.migrate(MigrationSpec("no-such-vm-ref", target_datastore_ref="no-such-ds"))
+    assert err.value.explanation().strip()
+
+
+@required(Capability.CANCEL)
+def test_cancel_aborts_and_the_vm_stays_on_the_source(harness):
+    spec = harness.slow_spec()
+    before = harness.independent_placement(spec.vm_ref)
+    cancel = threading.Event()
+    seen: list[ProgressUpdate] = []
+    outcome: dict = {}
+
+    def run():
+        try:
+            harness.driver.migrate(spec, on_progress=seen.append, cancel=cancel)
+        except MigrationCancelled as exc:
+            outcome["cancelled"] = exc
+        except DriverError as exc:  # pragma: no cover - reported by the assertion below
+            outcome["other"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not any(u.percent > 0 for u in seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen, "the slow migration never reported progress"
+    cancel.set()
+    worker.join(30)
+    assert not worker.is_alive(), "the driver did not honour cancel within 30 s"
+    assert "cancelled" in outcome, outcome
+    assert harness.independent_placement(spec.vm_ref) == before
+    assert harness.guest_alive(spec.vm_ref)
+    task_id = next((u.task_id for u in seen if u.task_id), "")
+    if harness.driver.supports(Capability.TASK_LOOKUP) and task_id:
+        assert harness.driver.task_info(task_id).state in (TaskState.CANCELLED, TaskState.FAILED)
+
+
+@required(Capability.TASK_LOOKUP)
+def test_a_finished_task_can_be_looked_up(harness):
+    spec = harness.compute_spec()
+    result, updates = harness.migrate(spec)
+    task_id = result.task_id or next(u.task_id for u in updates if u.task_id)
+    assert harness.driver.task_info(task_id).state == TaskState.SUCCEEDED
+    assert harness.driver.task_info("no-such-task").state == TaskState.UNKNOWN
