@@ -1,0 +1,112 @@
+"""Who may do what: the one place views, the API, services and websocket subscriptions ask.
+
+Roles are Django groups named after ``choices.Role``; a superuser holds every role. Ownership of a
+VM comes from its owner group: a requester may ask to move the VMs of the groups they belong to.
+The rule that a requester never approves their own request lives here and is enforced by the
+services, not only hidden in the page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from migrations_app.choices import AWAITING_DECISION, CANCELABLE, Role
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer to "may this user do this?": truthy when allowed, with the reason when not."""
+
+    allowed: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+ALLOW = Verdict(True)
+
+
+def deny(reason: str) -> Verdict:
+    return Verdict(False, reason)
+
+
+def roles(user) -> frozenset[str]:
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return frozenset()
+    cached = getattr(user, "_portal_roles", None)
+    if cached is None:
+        names = set(user.groups.values_list("name", flat=True))
+        cached = frozenset(Role) if user.is_superuser else frozenset(r for r in Role if r.value in names)
+        user._portal_roles = cached
+    return cached
+
+
+def has_role(user, *wanted: Role) -> bool:
+    return bool(roles(user) & set(wanted))
+
+
+def sees_everything(user) -> bool:
+    """Approvers, auditors and admins see every VM and request; requesters see their own."""
+    return has_role(user, Role.APPROVER, Role.AUDITOR, Role.ADMIN)
+
+
+def owns_vm(user, vm) -> bool:
+    return vm.owner_group_id is not None and user.groups.filter(pk=vm.owner_group_id).exists()
+
+
+def can_view_vm(user, vm) -> Verdict:
+    if sees_everything(user) or (has_role(user, Role.REQUESTER) and owns_vm(user, vm)):
+        return ALLOW
+    return deny("you do not own this VM")
+
+
+def can_request_migration(user, vm) -> Verdict:
+    if not has_role(user, Role.REQUESTER, Role.ADMIN):
+        return deny("only requesters can ask for migrations")
+    if not has_role(user, Role.ADMIN) and not owns_vm(user, vm):
+        return deny(f"you are not in the group that owns {vm.name}")
+    if not vm.present:
+        return deny(f"{vm.name} is no longer in the hypervisor's inventory")
+    return ALLOW
+
+
+def can_view_request(user, request) -> Verdict:
+    if request.requester_id == getattr(user, "pk", None) or sees_everything(user):
+        return ALLOW
+    if has_role(user, Role.REQUESTER) and owns_vm(user, request.vm):
+        return ALLOW
+    return deny("you may not see this request")
+
+
+def can_decide(user, request) -> Verdict:
+    """Approve or reject. The requester never decides on their own request, whatever their roles."""
+    if not has_role(user, Role.APPROVER, Role.ADMIN):
+        return deny("only approvers can approve or reject requests")
+    if request.requester_id == user.pk:
+        return deny("you cannot approve or reject your own request")
+    if request.status not in AWAITING_DECISION:
+        return deny(f"this request is already {request.get_status_display().lower()}")
+    return ALLOW
+
+
+def can_cancel(user, request) -> Verdict:
+    if request.requester_id != user.pk and not has_role(user, Role.ADMIN):
+        return deny("only the requester or an admin can cancel a request")
+    if request.status not in CANCELABLE:
+        return deny(f"this request is already {request.get_status_display().lower()}")
+    return ALLOW
+
+
+def can_view_audit(user) -> Verdict:
+    return ALLOW if has_role(user, Role.AUDITOR, Role.ADMIN) else deny("only auditors can read the audit log")
+
+
+def can_watch_approvals(user) -> Verdict:
+    return ALLOW if has_role(user, Role.APPROVER, Role.ADMIN) else deny("only approvers see the approval queue")
+
+
+def roles_context(request) -> dict:
+    """Template context: the current user's roles, for showing the right navigation."""
+    user_roles = roles(request.user)
+    return {"portal_roles": {r.value for r in user_roles}}

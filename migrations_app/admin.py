@@ -1,0 +1,112 @@
+"""Django admin: configuration (connections, inventory) and read-only views of requests and audit.
+
+State changes go through services: the admin offers "Sync inventory now" as an action and shows
+requests, runs and the audit log read-only.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+
+from drivers.base import DriverError
+from migrations_app.models import (
+    AuditEntry,
+    Cluster,
+    Datacenter,
+    Datastore,
+    Host,
+    HypervisorConnection,
+    MigrationRequest,
+    MigrationRun,
+    Network,
+    VirtualMachine,
+)
+from migrations_app.services.inventory import driver_for, inventory_sync
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(HypervisorConnection)
+class HypervisorConnectionAdmin(admin.ModelAdmin):
+    list_display = ("name", "kind", "url", "enabled", "last_sync_at", "last_sync_error")
+    actions = ["test_connection", "sync_now"]
+    exclude = ("last_sync_at", "last_sync_error")
+
+    def get_form(self, request, obj=None, **kwargs):
+        form = super().get_form(request, obj, **kwargs)
+        from django import forms
+
+        # Never echo the stored password back into the page.
+        form.base_fields["password"].widget = forms.PasswordInput(render_value=False)
+        form.base_fields["password"].required = False
+        return form
+
+    def save_model(self, request, obj, form, change):
+        if change and not form.cleaned_data.get("password"):
+            obj.password = HypervisorConnection.objects.get(pk=obj.pk).password  # blank = keep the old one
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Test the connection")
+    def test_connection(self, request, queryset):
+        for conn in queryset:
+            try:
+                messages.success(request, f"{conn.name}: {driver_for(conn).check_connection()}")
+            except DriverError as exc:
+                messages.error(request, f"{conn.name}: {exc.explanation()}")
+
+    @admin.action(description="Sync inventory now")
+    def sync_now(self, request, queryset):
+        for conn in queryset:
+            try:
+                counts = inventory_sync(connection=conn, actor=request.user)
+                messages.success(request, f"{conn.name}: {counts['vms']} VMs, {counts['hosts']} hosts synced")
+            except DriverError as exc:
+                messages.error(request, f"{conn.name}: {exc.explanation()}")
+
+
+@admin.register(VirtualMachine)
+class VirtualMachineAdmin(ReadOnlyAdmin):
+    list_display = ("name", "host", "power_state", "memory_bytes", "owner_group", "present")
+    list_filter = ("connection", "power_state", "present")
+    search_fields = ("name", "ref")
+
+
+@admin.register(Host)
+class HostAdmin(ReadOnlyAdmin):
+    list_display = ("name", "cluster", "connected", "maintenance", "present")
+    list_filter = ("connection", "cluster")
+
+
+@admin.register(Datastore)
+class DatastoreAdmin(ReadOnlyAdmin):
+    list_display = ("name", "connection", "capacity_bytes", "free_bytes", "accessible", "present")
+
+
+admin.site.register([Datacenter, Cluster, Network], ReadOnlyAdmin)
+
+
+@admin.register(MigrationRequest)
+class MigrationRequestAdmin(ReadOnlyAdmin):
+    list_display = ("id", "vm", "kind", "status", "requester", "created_at")
+    list_filter = ("status", "kind")
+
+
+@admin.register(MigrationRun)
+class MigrationRunAdmin(ReadOnlyAdmin):
+    list_display = ("id", "request", "phase", "percent", "task_id", "worker", "heartbeat_at", "finished_at")
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(ReadOnlyAdmin):
+    list_display = ("id", "created_at", "actor_name", "action", "outcome", "vm_name", "ip")
+    list_filter = ("action", "outcome")
+    search_fields = ("actor_name", "vm_name", "reason")

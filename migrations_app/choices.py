@@ -1,0 +1,132 @@
+"""Declared vocabularies of the domain, and the one state machine of a migration request.
+
+Every status change goes through ``RequestStatus.check_transition``; an illegal move raises
+``IllegalTransition``. ``failed`` means the hypervisor said no (the VM stays on its source);
+``errored`` means the portal's own code broke (a traceback is kept on the run).
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class IllegalTransition(Exception):
+    """A status change that the state machine does not allow."""
+
+    def __init__(self, current: str, target: str):
+        self.current, self.target = current, target
+        super().__init__(f"a request that is {current.replace('_', ' ')} cannot become {target.replace('_', ' ')}")
+
+
+class RequestStatus(models.TextChoices):
+    # Waiting for an approver (or for the policy's remaining stages).
+    PENDING_APPROVAL = "pending_approval", "Pending approval"
+    # Approved; waits for its start time (a requested start in the future).
+    APPROVED = "approved", "Approved"
+    # Handed to the workers; waits for a free slot.
+    QUEUED = "queued", "Queued"
+    # A worker claimed it and the hypervisor is moving the VM.
+    RUNNING = "running", "Running"
+    # Cancel asked while running; the worker is aborting the hypervisor job.
+    CANCELLING = "cancelling", "Cancelling"
+    # The VM is on its target; placement verified.
+    SUCCEEDED = "succeeded", "Succeeded"
+    # The hypervisor refused or aborted the move; the VM stays where it was.
+    FAILED = "failed", "Failed"
+    # The portal itself broke (bug, lost worker with no hypervisor record); see the traceback.
+    ERRORED = "errored", "Errored"
+    # Withdrawn, dequeued or aborted on request; the VM stays where it was.
+    CANCELLED = "cancelled", "Cancelled"
+    # An approver said no, with a reason.
+    REJECTED = "rejected", "Rejected"
+    # Nobody decided in time, or its start window passed.
+    EXPIRED = "expired", "Expired"
+
+    @classmethod
+    def check_transition(cls, current: str, target: str) -> None:
+        if target not in TRANSITIONS.get(current, frozenset()):
+            raise IllegalTransition(current, target)
+
+
+S = RequestStatus
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.PENDING_APPROVAL: frozenset({S.APPROVED, S.REJECTED, S.CANCELLED, S.EXPIRED}),
+    S.APPROVED: frozenset({S.QUEUED, S.CANCELLED, S.EXPIRED}),
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.ERRORED, S.FAILED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.ERRORED, S.CANCELLING, S.CANCELLED}),
+    S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED, S.ERRORED}),
+}
+
+AWAITING_DECISION = frozenset({S.PENDING_APPROVAL})
+ACTIVE = frozenset({S.QUEUED, S.RUNNING, S.CANCELLING})  # a worker owns or will own it
+CANCELABLE = frozenset({S.PENDING_APPROVAL, S.APPROVED, S.QUEUED, S.RUNNING})
+TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.ERRORED, S.CANCELLED, S.REJECTED, S.EXPIRED})
+OPEN = frozenset(S) - TERMINAL  # blocks another request for the same VM
+
+
+class MigrationKind(models.TextChoices):
+    COMPUTE = "compute", "Compute (move the running VM to another host)"
+    STORAGE = "storage", "Storage (move its disks to another datastore)"
+    BOTH = "both", "Compute and storage"
+
+
+class Phase(models.TextChoices):
+    """Mirrors drivers.base.Phase, plus the portal's own bookkeeping before the driver starts."""
+
+    WAITING = "waiting", "Waiting for a worker"
+    PRECHECK = "precheck", "Pre-check"
+    DISK_COPY = "disk_copy", "Disk copy"
+    MEMORY_PRECOPY = "memory_precopy", "Memory pre-copy"
+    SWITCHOVER = "switchover", "Switchover"
+    DONE = "done", "Done"
+
+
+class PowerState(models.TextChoices):
+    ON = "on", "Powered on"
+    OFF = "off", "Powered off"
+    SUSPENDED = "suspended", "Suspended"
+
+
+class ConnectionKind(models.TextChoices):
+    SIMULATOR = "simulator", "Simulator (demo)"
+    VCENTER = "vcenter", "VMware vCenter"
+    LIBVIRT = "libvirt", "KVM (libvirt)"
+
+
+class Role(models.TextChoices):
+    """Django groups that carry the portal's roles."""
+
+    REQUESTER = "requester", "Requester"
+    APPROVER = "approver", "Approver"
+    AUDITOR = "auditor", "Auditor"
+    ADMIN = "admin", "Admin"
+
+
+class AuditAction(models.TextChoices):
+    REQUEST_SUBMITTED = "request.submitted", "Request submitted"
+    REQUEST_APPROVED = "request.approved", "Request approved"
+    REQUEST_AUTO_APPROVED = "request.auto_approved", "Request approved by policy"
+    REQUEST_REJECTED = "request.rejected", "Request rejected"
+    REQUEST_CANCELLED = "request.cancelled", "Request cancelled"
+    REQUEST_EXPIRED = "request.expired", "Request expired"
+    RUN_QUEUED = "run.queued", "Run queued"
+    RUN_STARTED = "run.started", "Run started"
+    RUN_PHASE = "run.phase", "Run phase changed"
+    RUN_CANCEL_REQUESTED = "run.cancel_requested", "Cancel requested"
+    RUN_SUCCEEDED = "run.succeeded", "Run succeeded"
+    RUN_FAILED = "run.failed", "Run failed"
+    RUN_ERRORED = "run.errored", "Run errored"
+    RUN_CANCELLED = "run.cancelled", "Run cancelled"
+    INVENTORY_SYNCED = "inventory.synced", "Inventory synced"
+    INVENTORY_SYNC_FAILED = "inventory.sync_failed", "Inventory sync failed"
+    ACCESS_DENIED = "access.denied", "Access denied"
+    USER_LOGIN = "user.login", "Logged in"
+    USER_LOGIN_FAILED = "user.login_failed", "Login failed"
+    USER_LOGOUT = "user.logout", "Logged out"
+
+
+class AuditOutcome(models.TextChoices):
+    SUCCESS = "success", "Success"
+    FAILURE = "failure", "Failure"
+    DENIED = "denied", "Denied"

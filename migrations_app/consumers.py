@@ -1,0 +1,114 @@
+"""The live-progress websocket: one socket per page, subscriptions checked like the pages they serve.
+
+Client -> server (JSON):
+    {"action": "subscribe", "stream": "run", "id": <run id>, "after": <last seq seen>}
+    {"action": "subscribe", "stream": "my-requests"}
+    {"action": "subscribe", "stream": "approvals"}
+Server -> client: the payloads of ``events`` (type, id, seq, status, ...), plus
+    {"type": "subscribed", "stream": ..., "id": ...} and {"type": "error", "message": ...}.
+
+On subscribing to a run the consumer joins the run's group first, then sends the stored events
+after ``after``: an event stored in between arrives twice at worst, and the page drops any seq it
+has already applied. Nothing is lost to a reconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from migrations_app import access, events
+from migrations_app.models import MigrationRun
+from migrations_app.selectors import run_events_after
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4096
+MAX_SUBSCRIPTIONS = 50
+
+
+class LiveConsumer(AsyncWebsocketConsumer):
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        self.groups_joined: set[str] = set()
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        for group in getattr(self, "groups_joined", set()):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None or len(text_data) > MAX_MESSAGE_BYTES:
+            await self._error("send one JSON object of at most 4 KiB as text")
+            return
+        try:
+            msg = json.loads(text_data)
+        except json.JSONDecodeError:
+            await self._error("message is not valid JSON")
+            return
+        if not isinstance(msg, dict) or msg.get("action") != "subscribe":
+            await self._error('unknown message; expected {"action": "subscribe", ...}')
+            return
+        stream = msg.get("stream")
+        if len(self.groups_joined) >= MAX_SUBSCRIPTIONS:
+            await self._error("too many subscriptions on one socket")
+            return
+        if stream == "run":
+            await self._subscribe_run(msg)
+        elif stream == "my-requests":
+            await self._join(events.user_requests_group(self.scope["user"].pk))
+            await self._send({"type": "subscribed", "stream": stream, "id": None})
+        elif stream == "approvals":
+            verdict = await database_sync_to_async(access.can_watch_approvals)(self.scope["user"])
+            if not verdict:
+                await self._error(verdict.reason, stream=stream)
+                return
+            await self._join(events.approvals_group())
+            await self._send({"type": "subscribed", "stream": stream, "id": None})
+        else:
+            await self._error(f"unknown stream {stream!r}")
+
+    async def _subscribe_run(self, msg: dict) -> None:
+        run_id, after = msg.get("id"), msg.get("after", 0)
+        if not isinstance(run_id, int) or isinstance(run_id, bool) or not isinstance(after, int) or after < 0:
+            await self._error("a run subscription needs an integer id and a non-negative integer after")
+            return
+        allowed, backlog = await self._run_backlog(run_id, after)
+        if not allowed:
+            # Same answer for "absent" and "not yours": ids are not probed through the socket.
+            await self._error("no such run, or you may not watch it", stream="run", id=run_id)
+            return
+        await self._join(events.run_group(run_id))
+        await self._send({"type": "subscribed", "stream": "run", "id": run_id})
+        # Re-read after joining: anything stored meanwhile is in this read or in a push.
+        _, backlog = await self._run_backlog(run_id, after)
+        for payload in backlog:
+            await self._send(payload)
+
+    @database_sync_to_async
+    def _run_backlog(self, run_id: int, after: int) -> tuple[bool, list[dict]]:
+        run = MigrationRun.objects.select_related("request__vm").filter(pk=run_id).first()
+        if run is None or not access.can_view_request(self.scope["user"], run.request):
+            return False, []
+        return True, [events.run_event_payload(e) for e in run_events_after(run, after)]
+
+    async def _join(self, group: str) -> None:
+        if group not in self.groups_joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.groups_joined.add(group)
+
+    async def portal_event(self, message: dict) -> None:
+        """Relay a notification from the channel layer (events.emit) to the browser."""
+        await self._send(message["payload"])
+
+    async def _send(self, payload: dict) -> None:
+        await self.send(text_data=json.dumps(payload))
+
+    async def _error(self, message: str, **extra) -> None:
+        await self._send({"type": "error", "message": message, **extra})

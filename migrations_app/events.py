@@ -1,0 +1,63 @@
+"""Live notifications: one group vocabulary and one emit helper.
+
+The socket only notifies; the numbered ``RunEvent`` rows are the truth, and a page that reconnects
+asks for the events after its last sequence number. Every payload carries type, id, seq and status.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+# Channel-layer message type; the consumer's method ``portal_event`` relays it to the browser.
+RELAY_TYPE = "portal.event"
+
+
+def run_group(run_id: int) -> str:
+    return f"migration-run.{run_id}"
+
+
+def user_requests_group(user_id: int) -> str:
+    return f"requests.user.{user_id}"
+
+
+def approvals_group(role: str = "approver") -> str:
+    return f"approvals.{role}"
+
+
+def run_event_payload(event) -> dict:
+    return {
+        "type": "run.event",
+        "id": event.run_id,
+        "seq": event.seq,
+        "status": event.status,
+        "phase": event.phase,
+        "percent": round(event.percent, 2),
+        "bytes_done": event.bytes_done,
+        "bytes_total": event.bytes_total,
+        "rate_bytes_per_s": event.rate_bytes_per_s,
+        "eta_s": event.eta_s,
+        "iteration": event.iteration,
+        "message": event.message,
+        "at": event.created_at.isoformat(),
+    }
+
+
+def request_changed_payload(request) -> dict:
+    return {"type": "request.changed", "id": request.pk, "seq": 0, "status": request.status}
+
+
+def emit(group: str, payload: dict) -> None:
+    """Send one notification to a group. Never raises: a lost push is caught up from stored events."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(group, {"type": RELAY_TYPE, "payload": payload})
+    except (OSError, RedisError) as exc:  # Redis down: the page catches up later
+        log.warning("live push to %s failed: %s", group, exc)

@@ -1,0 +1,66 @@
+"""Forms: parse and validate input at the boundary. The services decide whether a move is valid."""
+
+from __future__ import annotations
+
+from django import forms
+from django.utils import timezone
+
+from migrations_app.choices import MigrationKind
+from migrations_app.models import Datastore, Host
+
+
+class MigrateForm(forms.Form):
+    kind = forms.ChoiceField(choices=MigrationKind.choices, widget=forms.RadioSelect, initial=MigrationKind.COMPUTE)
+    target_host = forms.ModelChoiceField(queryset=Host.objects.none(), required=False)
+    target_datastore = forms.ModelChoiceField(queryset=Datastore.objects.none(), required=False)
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), max_length=2000, strip=True)
+    start_mode = forms.ChoiceField(choices=[("now", "As soon as approved"), ("later", "Not before")], initial="now",
+                                   widget=forms.RadioSelect)
+    start_after = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+                                      input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"])
+
+    def __init__(self, *args, vm, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vm = vm
+        # Any host or datastore of the VM's own connection parses; the service judges validity.
+        self.fields["target_host"].queryset = Host.objects.filter(connection=vm.connection).select_related("cluster")
+        self.fields["target_datastore"].queryset = Datastore.objects.filter(connection=vm.connection)
+
+    def clean(self):
+        data = super().clean()
+        kind = data.get("kind")
+        if kind == MigrationKind.STORAGE:
+            data["target_host"] = None
+        if kind == MigrationKind.COMPUTE:
+            data["target_datastore"] = None
+        if data.get("start_mode") == "later":
+            start = data.get("start_after")
+            if start is None:
+                self.add_error("start_after", "give the earliest start time, or choose 'As soon as approved'")
+            elif start < timezone.now():
+                self.add_error("start_after", "the start time is in the past")
+        else:
+            data["start_after"] = None
+        return data
+
+
+class RejectForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), max_length=2000, strip=True,
+                             error_messages={"required": "a rejection needs a reason the requester can act on"})
+
+
+class CommentForm(forms.Form):
+    comment = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), max_length=2000, required=False, strip=True)
+
+
+class AuditFilterForm(forms.Form):
+    actor = forms.CharField(required=False)
+    vm = forms.CharField(required=False, label="VM")
+    action = forms.CharField(required=False)
+    outcome = forms.CharField(required=False)
+    request = forms.CharField(required=False, label="Request #")
+    since = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+                                input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d"])
+    until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+                                input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d"])
+    q = forms.CharField(required=False, label="Text")

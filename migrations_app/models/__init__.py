@@ -1,0 +1,28 @@
+from migrations_app.models.audit import AuditEntry
+from migrations_app.models.inventory import (
+    Cluster,
+    Datacenter,
+    Datastore,
+    Host,
+    HypervisorConnection,
+    Network,
+    VirtualDisk,
+    VirtualMachine,
+)
+from migrations_app.models.requests import MigrationRequest
+from migrations_app.models.runs import MigrationRun, RunEvent
+
+__all__ = [
+    "AuditEntry",
+    "Cluster",
+    "Datacenter",
+    "Datastore",
+    "Host",
+    "HypervisorConnection",
+    "MigrationRequest",
+    "MigrationRun",
+    "Network",
+    "RunEvent",
+    "VirtualDisk",
+    "VirtualMachine",
+]

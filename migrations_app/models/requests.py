@@ -1,0 +1,59 @@
+"""A migration request: who wants which VM moved where, why, and when."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from migrations_app.choices import MigrationKind, RequestStatus
+
+
+class MigrationRequest(models.Model):
+    """What a VM owner asked for, and its place in the state machine (``choices.RequestStatus``).
+
+    Source placement is captured at submission so the record reads true after the VM moved.
+    """
+
+    requester = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="migration_requests")
+    vm = models.ForeignKey("migrations_app.VirtualMachine", on_delete=models.PROTECT, related_name="requests")
+    kind = models.CharField(max_length=10, choices=MigrationKind.choices)
+    target_host = models.ForeignKey(
+        "migrations_app.Host", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    target_datastore = models.ForeignKey(
+        "migrations_app.Datastore", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    reason = models.TextField()
+    start_after = models.DateTimeField(null=True, blank=True, help_text="Empty: as soon as approved.")
+    status = models.CharField(
+        max_length=20, choices=RequestStatus.choices, default=RequestStatus.PENDING_APPROVAL, db_index=True
+    )
+    source_placement = models.JSONField(default=dict)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_comment = models.TextField(blank=True)
+    policy_note = models.CharField(max_length=300, blank=True, help_text="Why the policy decided as it did.")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["requester", "status"])]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.get_kind_display().split(' (')[0]} of {self.vm.name}"
+
+    @property
+    def kind_label(self) -> str:
+        return {"compute": "compute", "storage": "storage", "both": "compute and storage"}[self.kind]
+
+    @property
+    def target_summary(self) -> str:
+        parts = []
+        if self.target_host_id:
+            parts.append(f"host {self.target_host.name}")
+        if self.target_datastore_id:
+            parts.append(f"datastore {self.target_datastore.name}")
+        return " and ".join(parts)

@@ -1,0 +1,164 @@
+"""Read-side queries: what a user may see, and the choices a Migrate form may offer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import Prefetch, Q, QuerySet
+
+from migrations_app import access
+from migrations_app.choices import OPEN, RequestStatus, Role
+from migrations_app.models import (
+    AuditEntry,
+    Datastore,
+    Host,
+    MigrationRequest,
+    RunEvent,
+    VirtualDisk,
+    VirtualMachine,
+)
+
+
+def visible_vms(user) -> QuerySet[VirtualMachine]:
+    qs = VirtualMachine.objects.filter(present=True).select_related(
+        "host__cluster__datacenter", "owner_group", "connection"
+    ).prefetch_related(Prefetch("disks", queryset=VirtualDisk.objects.select_related("datastore")))
+    if access.sees_everything(user):
+        return qs
+    if access.has_role(user, Role.REQUESTER):
+        return qs.filter(owner_group__in=user.groups.all())
+    return qs.none()
+
+
+def vm_search(user, *, text: str = "", cluster_id: str = "", host_id: str = "", power: str = "", tag: str = ""):
+    qs = visible_vms(user)
+    if text:
+        qs = qs.filter(Q(name__icontains=text) | Q(host__name__icontains=text) | Q(folder__icontains=text))
+    if cluster_id.isdigit():
+        qs = qs.filter(host__cluster_id=int(cluster_id))
+    if host_id.isdigit():
+        qs = qs.filter(host_id=int(host_id))
+    if power:
+        qs = qs.filter(power_state=power)
+    if tag:
+        # JSON containment is not on SQLite; tags are short lists, so a text match is exact enough.
+        qs = qs.filter(tags__icontains=f'"{tag}"')
+    return qs
+
+
+def visible_requests(user) -> QuerySet[MigrationRequest]:
+    qs = MigrationRequest.objects.select_related(
+        "vm", "requester", "target_host", "target_datastore", "decided_by", "run"
+    )
+    if access.sees_everything(user):
+        return qs
+    return qs.filter(Q(requester=user) | Q(vm__owner_group__in=user.groups.all())).distinct()
+
+
+def my_requests(user) -> QuerySet[MigrationRequest]:
+    return visible_requests(user).filter(requester=user)
+
+
+def approval_queue(user) -> QuerySet[MigrationRequest]:
+    """Requests waiting for a decision that this user may take (never their own)."""
+    if not access.can_watch_approvals(user):
+        return MigrationRequest.objects.none()
+    return (
+        visible_requests(user)
+        .filter(status=RequestStatus.PENDING_APPROVAL)
+        .exclude(requester=user)
+        .order_by("created_at", "id")
+    )
+
+
+def open_request_for_vm(vm) -> MigrationRequest | None:
+    return MigrationRequest.objects.filter(vm=vm, status__in=OPEN).first()
+
+
+def run_events_after(run, seq: int, limit: int = 1000) -> list[RunEvent]:
+    return list(RunEvent.objects.filter(run=run, seq__gt=seq).order_by("seq")[:limit])
+
+
+def audit_entries(*, actor: str = "", vm: str = "", action: str = "", outcome: str = "", request_id: str = "",
+                  since=None, until=None, text: str = "") -> QuerySet[AuditEntry]:
+    qs = AuditEntry.objects.all()
+    if actor:
+        qs = qs.filter(actor_name__iexact=actor)
+    if vm:
+        qs = qs.filter(vm_name__icontains=vm)
+    if action:
+        qs = qs.filter(action=action)
+    if outcome:
+        qs = qs.filter(outcome=outcome)
+    if request_id.isdigit():
+        qs = qs.filter(request_id=int(request_id))
+    if since:
+        qs = qs.filter(created_at__gte=since)
+    if until:
+        qs = qs.filter(created_at__lte=until)
+    if text:
+        qs = qs.filter(Q(reason__icontains=text) | Q(vm_name__icontains=text) | Q(actor_name__icontains=text))
+    return qs
+
+
+# -- Migrate form choices: every candidate, each with the reason it cannot be chosen ----------
+
+
+@dataclass(frozen=True)
+class Choice:
+    obj: object
+    reason: str = ""  # empty: a valid choice
+
+    @property
+    def valid(self) -> bool:
+        return not self.reason
+
+
+def host_choices(vm: VirtualMachine) -> list[Choice]:
+    """Hosts of the VM's connection; only other usable hosts of its cluster that see its disks are valid."""
+    vm_ds = vm.datastore_ids()
+    hosts = Host.objects.filter(connection=vm.connection, present=True).select_related("cluster").prefetch_related(
+        "datastores"
+    )
+    out = []
+    for host in hosts:
+        if host.pk == vm.host_id:
+            continue
+        if host.cluster_id != vm.host.cluster_id:
+            reason = f"in cluster {host.cluster.name}; live moves stay within {vm.host.cluster.name}"
+        elif not host.usable:
+            reason = host.unusable_reason()
+        else:
+            seen = {d.pk for d in host.datastores.all()}
+            missing = vm_ds - seen
+            reason = "does not see the VM's datastore; choose a storage move too" if missing else ""
+        out.append(Choice(host, reason))
+    out.sort(key=lambda c: (not c.valid, c.obj.name))
+    return out
+
+
+def datastore_choices(vm: VirtualMachine, target_host: Host | None) -> list[Choice]:
+    """Datastores the (target) host sees with room for the VM's disks; others with the reason why not."""
+    host = target_host or vm.host
+    needed = vm.disk_bytes
+    current = vm.datastore_ids()
+    seen = set(host.datastores.values_list("pk", flat=True))
+    out = []
+    for ds in Datastore.objects.filter(connection=vm.connection, present=True):
+        if ds.pk in current and len(current) == 1:
+            reason = "the VM's disks are already here"
+        elif ds.pk not in seen:
+            reason = f"not mounted on {host.name}"
+        elif not ds.accessible:
+            reason = "not accessible"
+        elif ds.free_bytes < needed:
+            reason = f"{_gib(ds.free_bytes)} free, needs {_gib(needed)}"
+        else:
+            reason = ""
+        out.append(Choice(ds, reason))
+    out.sort(key=lambda c: (not c.valid, -c.obj.free_bytes))
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:,.0f} GiB"

@@ -1,0 +1,178 @@
+"""Inventory sync: mirror a hypervisor manager's inventory into the portal, in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import transaction
+from django.utils import timezone
+
+from drivers import base as drv
+from drivers import registry
+from migrations_app.choices import AuditAction, AuditOutcome
+from migrations_app.models import (
+    Cluster,
+    Datacenter,
+    Datastore,
+    Host,
+    HypervisorConnection,
+    Network,
+    VirtualDisk,
+    VirtualMachine,
+)
+from migrations_app.services.audit import audit_record
+
+log = logging.getLogger(__name__)
+
+
+def connection_config(connection: HypervisorConnection) -> drv.ConnectionConfig:
+    """The driver's view of a connection. The simulator gets a state file shared by all processes."""
+    options = dict(connection.options or {})
+    if connection.kind == "simulator" and not options.get("state_file"):
+        state_dir = settings.PORTAL["SIMULATOR_STATE_DIR"]
+        os.makedirs(state_dir, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", connection.name)
+        options["state_file"] = os.path.join(state_dir, f"{connection.pk}-{slug}.json")
+    return drv.ConnectionConfig(
+        kind=connection.kind,
+        url=connection.url,
+        username=connection.username,
+        password=connection.password,
+        verify_tls=connection.verify_tls,
+        ca_bundle=connection.ca_bundle,
+        is_lab=connection.is_lab,
+        options=options,
+    )
+
+
+def driver_for(connection: HypervisorConnection) -> drv.Driver:
+    return registry.open_driver(connection_config(connection))
+
+
+def inventory_sync(*, connection: HypervisorConnection, actor=None) -> dict:
+    """Read the whole inventory from the driver and mirror it. Objects the hypervisor no longer
+    reports are marked absent (never deleted: requests and audit entries point at them).
+    Returns counts. A driver error is recorded on the connection and in the audit log, then raised."""
+    try:
+        inv = driver_for(connection).inventory()
+    except drv.DriverError as exc:
+        with transaction.atomic():
+            HypervisorConnection.objects.filter(pk=connection.pk).update(last_sync_error=exc.explanation())
+            audit_record(actor=actor, action=AuditAction.INVENTORY_SYNC_FAILED, outcome=AuditOutcome.FAILURE,
+                         object_type="connection", object_id=str(connection.pk), reason=exc.explanation())
+        raise
+    with transaction.atomic():
+        counts = _mirror(connection, inv)
+        connection.last_sync_at = timezone.now()
+        connection.last_sync_error = ""
+        connection.save(update_fields=["last_sync_at", "last_sync_error"])
+        audit_record(actor=actor, action=AuditAction.INVENTORY_SYNCED, object_type="connection",
+                     object_id=str(connection.pk), data=counts)
+    return counts
+
+
+def _upsert(model, lookup: dict, values: dict, existing: dict):
+    obj = existing.get(lookup["ref"])
+    if obj is None:
+        return model.objects.create(**lookup, **values)
+    changed = [k for k, v in values.items() if getattr(obj, k) != v]
+    for k in changed:
+        setattr(obj, k, values[k])
+    if changed:
+        obj.save(update_fields=changed)
+    return obj
+
+
+def _mirror(conn: HypervisorConnection, inv: drv.Inventory) -> dict:
+    dcs = {d.ref: d for d in Datacenter.objects.filter(connection=conn)}
+    for d in inv.datacenters:
+        dcs[d.ref] = _upsert(Datacenter, {"connection": conn, "ref": d.ref}, {"name": d.name}, dcs)
+
+    clusters = {c.ref: c for c in Cluster.objects.filter(datacenter__connection=conn)}
+    for c in inv.clusters:
+        dc = dcs[c.datacenter_ref]
+        obj = clusters.get(c.ref)
+        if obj is None:
+            clusters[c.ref] = Cluster.objects.create(datacenter=dc, ref=c.ref, name=c.name)
+        elif obj.name != c.name or obj.datacenter_id != dc.pk:
+            obj.name, obj.datacenter = c.name, dc
+            obj.save(update_fields=["name", "datacenter"])
+
+    hosts = {h.ref: h for h in Host.objects.filter(connection=conn)}
+    for h in inv.hosts:
+        hosts[h.ref] = _upsert(
+            Host,
+            {"connection": conn, "ref": h.ref},
+            {"cluster": clusters[h.cluster_ref], "name": h.name, "connected": h.connected,
+             "maintenance": h.maintenance, "memory_bytes": h.memory_bytes, "cpu_model": h.cpu_model, "present": True},
+            hosts,
+        )
+    seen_hosts = {h.ref for h in inv.hosts}
+    Host.objects.filter(connection=conn).exclude(ref__in=seen_hosts).update(present=False)
+
+    stores = {d.ref: d for d in Datastore.objects.filter(connection=conn)}
+    for d in inv.datastores:
+        obj = _upsert(
+            Datastore,
+            {"connection": conn, "ref": d.ref},
+            {"name": d.name, "capacity_bytes": d.capacity_bytes, "free_bytes": d.free_bytes,
+             "accessible": d.accessible, "present": True},
+            stores,
+        )
+        obj.hosts.set([hosts[r] for r in d.host_refs if r in hosts])
+        stores[d.ref] = obj
+    Datastore.objects.filter(connection=conn).exclude(ref__in={d.ref for d in inv.datastores}).update(present=False)
+
+    nets = {n.ref: n for n in Network.objects.filter(connection=conn)}
+    for n in inv.networks:
+        obj = _upsert(Network, {"connection": conn, "ref": n.ref}, {"name": n.name}, nets)
+        obj.hosts.set([hosts[r] for r in n.host_refs if r in hosts])
+
+    groups = {g.name: g for g in Group.objects.all()}
+    vms = {v.ref: v for v in VirtualMachine.objects.filter(connection=conn)}
+    disks_by_vm: dict[int, dict[str, VirtualDisk]] = {}
+    for disk in VirtualDisk.objects.filter(vm__connection=conn):
+        disks_by_vm.setdefault(disk.vm_id, {})[disk.key] = disk
+    for v in inv.vms:
+        owner = None
+        if v.owner:
+            owner = groups.get(v.owner)
+            if owner is None:
+                owner = groups[v.owner] = Group.objects.create(name=v.owner)
+        vm = _upsert(
+            VirtualMachine,
+            {"connection": conn, "ref": v.ref},
+            {"name": v.name, "host": hosts[v.host_ref], "power_state": v.power_state.value,
+             "memory_bytes": v.memory_bytes, "vcpus": v.vcpus, "owner_group": owner, "tags": list(v.tags),
+             "folder": v.folder, "present": True},
+            vms,
+        )
+        have = disks_by_vm.get(vm.pk, {})
+        for d in v.disks:
+            values = {"label": d.label, "datastore": stores[d.datastore_ref], "capacity_bytes": d.capacity_bytes,
+                      "path": d.path}
+            disk = have.pop(d.key, None)
+            if disk is None:
+                VirtualDisk.objects.create(vm=vm, key=d.key, **values)
+            else:
+                changed = [k for k, val in values.items() if getattr(disk, k) != val]
+                for k in changed:
+                    setattr(disk, k, values[k])
+                if changed:
+                    disk.save(update_fields=changed)
+        if have:
+            VirtualDisk.objects.filter(pk__in=[d.pk for d in have.values()]).delete()
+    gone = VirtualMachine.objects.filter(connection=conn, present=True).exclude(ref__in={v.ref for v in inv.vms})
+    gone_count = gone.update(present=False)
+    return {
+        "datacenters": len(inv.datacenters),
+        "clusters": len(inv.clusters),
+        "hosts": len(inv.hosts),
+        "datastores": len(inv.datastores),
+        "vms": len(inv.vms),
+        "vms_gone": gone_count,
+    }

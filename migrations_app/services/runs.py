@@ -1,0 +1,384 @@
+"""Services for the execution of a migration: queue, claim, drive the driver, record progress, finish.
+
+A migration is not idempotent, so correctness never rests on the broker: the worker task is acked
+early, a run is claimed in the database (``select_for_update``, only from ``queued``), and a running
+run proves it is alive by its heartbeat. The worker's main thread is the only writer of a run's
+progress: the driver runs in a helper thread and hands its reports over through a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from datetime import timedelta
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from drivers import base as drv
+from migrations_app import events
+from migrations_app.choices import AuditAction, AuditOutcome, MigrationKind, Phase, RequestStatus
+from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
+from migrations_app.services.audit import audit_record
+from migrations_app.services.requests import notify_request_changed, set_status
+
+log = logging.getLogger(__name__)
+S = RequestStatus
+GiB = 1024**3
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+def append_run_event(run: MigrationRun, *, status: str, message: str = "", **fields) -> RunEvent:
+    """Store the next numbered event of a run (call inside a transaction) and push it on commit.
+
+    The sequence number comes from an UPDATE on the run row, so two writers (worker and a cancel
+    from the web) never take the same number.
+    """
+    MigrationRun.objects.filter(pk=run.pk).update(last_seq=F("last_seq") + 1)
+    seq = MigrationRun.objects.filter(pk=run.pk).values_list("last_seq", flat=True).get()
+    run.last_seq = seq
+    event = RunEvent.objects.create(
+        run=run,
+        seq=seq,
+        status=status,
+        phase=fields.get("phase", run.phase),
+        percent=fields.get("percent", run.percent),
+        bytes_done=fields.get("bytes_done", run.bytes_done),
+        bytes_total=fields.get("bytes_total", run.bytes_total),
+        rate_bytes_per_s=fields.get("rate_bytes_per_s", run.rate_bytes_per_s),
+        eta_s=fields.get("eta_s", run.eta_s),
+        iteration=fields.get("iteration", run.iteration),
+        message=message[:500],
+    )
+    payload = events.run_event_payload(event)
+    transaction.on_commit(lambda: events.emit(events.run_group(run.pk), payload))
+    return event
+
+
+# -- queueing ---------------------------------------------------------------------------------
+
+
+def completion_budget_s(*, memory_bytes: int, disk_bytes: int, kind: str) -> float:
+    """Time a migration may take before it is aborted: per GiB of what is copied (Nova's rule)."""
+    copied = (memory_bytes if kind != MigrationKind.STORAGE else 0) + (disk_bytes if kind != MigrationKind.COMPUTE else 0)
+    budget = settings.PORTAL["TIMEOUT_S_PER_GIB"] * copied / GiB
+    return max(settings.PORTAL["TIMEOUT_MIN_S"], budget)
+
+
+def dispatch(run_id: int, worker_task_id: str) -> None:
+    """Hand a run to the workers. Safe to repeat: a worker only starts a run it can claim."""
+    from migrations_app.tasks import execute_run
+
+    execute_run.apply_async(args=[run_id], task_id=worker_task_id)
+
+
+def migration_run_enqueue(*, request: MigrationRequest, actor) -> MigrationRun:
+    """Approved and due: create the run and queue it (inside the caller's transaction, request locked)."""
+    set_status(request, S.QUEUED)
+    request.save(update_fields=["status", "updated_at"])
+    run = MigrationRun.objects.create(
+        request=request,
+        worker_task_id=str(uuid.uuid4()),
+        timeout_s=completion_budget_s(memory_bytes=request.vm.memory_bytes, disk_bytes=request.vm.disk_bytes,
+                                      kind=request.kind),
+    )
+    append_run_event(run, status=request.status, message="queued for a worker")
+    audit_record(actor=actor, action=AuditAction.RUN_QUEUED, request=request, object_type="migration_run",
+                 object_id=str(run.pk))
+    run_id, task_id = run.pk, run.worker_task_id
+    # robust: a broker outage must not undo the approval; the scheduler re-dispatches queued runs.
+    transaction.on_commit(lambda: dispatch(run_id, task_id), robust=True)
+    return run
+
+
+def migration_run_redispatch_stale(*, older_than_s: float = 60.0) -> int:
+    """Re-send queued runs whose message may have been lost (broker restarted). Returns the count."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_s)
+    stale = MigrationRun.objects.filter(request__status=S.QUEUED, queued_at__lt=cutoff, started_at__isnull=True)
+    count = 0
+    for run_id, task_id in stale.values_list("pk", "worker_task_id"):
+        dispatch(run_id, task_id)
+        count += 1
+    return count
+
+
+def migration_request_start_due(*, now=None) -> int:
+    """Queue approved requests whose start time has come. Returns how many were queued."""
+    now = now or timezone.now()
+    count = 0
+    due = MigrationRequest.objects.filter(status=S.APPROVED, start_after__lte=now).values_list("pk", flat=True)
+    for pk in due:
+        with transaction.atomic():
+            request = MigrationRequest.objects.select_for_update().select_related("vm").get(pk=pk)
+            if request.status != S.APPROVED:
+                continue
+            migration_run_enqueue(request=request, actor=None)
+            notify_request_changed(request)
+            count += 1
+    return count
+
+
+# -- execution --------------------------------------------------------------------------------
+
+
+_FINISHED = object()
+
+
+@dataclass
+class _Outcome:
+    result: drv.MigrationResult | None = None
+    error: BaseException | None = None
+    traceback: str = ""
+
+
+def _claim(run_id: int, worker: str) -> MigrationRun | None:
+    """Take ownership of a queued run; None when it is not queued (cancelled, already claimed)."""
+    with transaction.atomic():
+        run = MigrationRun.objects.select_for_update().filter(pk=run_id).first()
+        if run is None:
+            log.warning("run %s does not exist; dropping the message", run_id)
+            return None
+        request = MigrationRequest.objects.select_for_update().select_related("vm").get(pk=run.request_id)
+        if request.status != S.QUEUED:
+            log.info("run %s is %s, not queued; not starting it", run_id, request.status)
+            return None
+        set_status(request, S.RUNNING)
+        request.save(update_fields=["status", "updated_at"])
+        now = timezone.now()
+        run.worker = worker
+        run.started_at = now
+        run.heartbeat_at = now
+        run.phase = Phase.PRECHECK
+        run.save(update_fields=["worker", "started_at", "heartbeat_at", "phase"])
+        audit_record(actor=None, action=AuditAction.RUN_STARTED, request=request, object_type="migration_run",
+                     object_id=str(run.pk), before=request.source_placement, data={"worker": worker})
+        append_run_event(run, status=request.status, message=f"started by {worker}")
+        notify_request_changed(request)
+    return run
+
+
+def _spec(run: MigrationRun) -> drv.MigrationSpec:
+    request = run.request
+    return drv.MigrationSpec(
+        vm_ref=request.vm.ref,
+        target_host_ref=request.target_host.ref if request.target_host_id else None,
+        target_datastore_ref=request.target_datastore.ref if request.target_datastore_id else None,
+        timeout_s=run.timeout_s,
+    )
+
+
+def migration_run_execute(*, run_id: int, worker: str) -> None:
+    """Claim the run, drive the migration through the driver, record progress, and finish it."""
+    from migrations_app.services.inventory import driver_for
+
+    run = _claim(run_id, worker)
+    if run is None:
+        return
+    run = MigrationRun.objects.select_related(
+        "request__vm__connection", "request__target_host", "request__target_datastore"
+    ).get(pk=run.pk)
+    outcome = _Outcome()
+    try:
+        driver = driver_for(run.request.vm.connection)
+        spec = _spec(run)
+    except drv.DriverError as exc:
+        outcome.error = exc
+    except (ValueError, LookupError) as exc:  # broken configuration: our side
+        outcome.error, outcome.traceback = exc, traceback.format_exc()
+    else:
+        outcome = _drive(run, driver, spec)
+    migration_run_finish(run=run, outcome=outcome)
+
+
+def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _Outcome:
+    """Run the driver in a helper thread; this thread records progress and heartbeats."""
+    updates: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    outcome = _Outcome()
+
+    def target() -> None:
+        try:
+            outcome.result = driver.migrate(spec, on_progress=updates.put, cancel=cancel)
+        except drv.DriverError as exc:
+            outcome.error = exc
+        except Exception as exc:  # noqa: BLE001 - any other error is the portal's bug: keep the traceback
+            outcome.error, outcome.traceback = exc, traceback.format_exc()
+        finally:
+            updates.put(_FINISHED)
+
+    thread = threading.Thread(target=target, name=f"migrate-run-{run.pk}", daemon=True)
+    thread.start()
+    heartbeat_s = settings.PORTAL["HEARTBEAT_S"]
+    recorder = _ProgressRecorder(run)
+    next_beat = time.monotonic() + heartbeat_s
+    while True:
+        try:
+            item = updates.get(timeout=max(0.0, next_beat - time.monotonic()))
+        except queue.Empty:
+            item = None
+        if item is _FINISHED:
+            break
+        if item is not None:
+            recorder.offer(item)
+        if time.monotonic() >= next_beat:
+            recorder.flush()
+            if _heartbeat(run) and not cancel.is_set():
+                log.info("run %s: cancel requested, aborting", run.pk)
+                cancel.set()
+            next_beat = time.monotonic() + heartbeat_s
+    thread.join()
+    recorder.flush()
+    return outcome
+
+
+def _heartbeat(run: MigrationRun) -> bool:
+    """Prove the worker is alive; returns True when someone asked to cancel."""
+    MigrationRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
+    return MigrationRequest.objects.filter(pk=run.request_id, status=S.CANCELLING).exists()
+
+
+class _ProgressRecorder:
+    """Stores driver progress as numbered events: every phase change, else at most one per interval."""
+
+    def __init__(self, run: MigrationRun):
+        self.run = run
+        self.interval = settings.PORTAL["PROGRESS_INTERVAL_S"]
+        self.last_stored = 0.0
+        self.pending: drv.ProgressUpdate | None = None
+        self.percent = 0.0
+
+    def offer(self, update: drv.ProgressUpdate) -> None:
+        if not isinstance(update, drv.ProgressUpdate):
+            log.warning("run %s: driver sent %r, not a ProgressUpdate; ignored", self.run.pk, update)
+            return
+        phase_changed = update.phase.value != self.run.phase
+        self.pending = update
+        if phase_changed or update.task_id and not self.run.task_id or time.monotonic() - self.last_stored >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        update, self.pending = self.pending, None
+        if update is None:
+            return
+        run = self.run
+        phase_changed = update.phase.value != run.phase
+        # Clamp what the driver says: percent within 0..100 and never backwards.
+        self.percent = max(self.percent, min(100.0, max(0.0, float(update.percent))))
+        run.phase = update.phase.value
+        run.percent = self.percent
+        run.bytes_done = max(0, int(update.bytes_done))
+        run.bytes_total = max(0, int(update.bytes_total))
+        run.rate_bytes_per_s = max(0.0, float(update.rate_bytes_per_s))
+        run.eta_s = update.eta_s
+        run.iteration = update.iteration
+        if update.task_id:
+            run.task_id = update.task_id[:200]
+        run.heartbeat_at = timezone.now()
+        with transaction.atomic():
+            MigrationRun.objects.filter(pk=run.pk).update(
+                phase=run.phase, percent=run.percent, bytes_done=run.bytes_done, bytes_total=run.bytes_total,
+                rate_bytes_per_s=run.rate_bytes_per_s, eta_s=run.eta_s, iteration=run.iteration,
+                task_id=run.task_id, heartbeat_at=run.heartbeat_at,
+            )
+            status = MigrationRequest.objects.filter(pk=run.request_id).values_list("status", flat=True).get()
+            append_run_event(run, status=status, message=update.message)
+            if phase_changed:
+                audit_record(actor=None, action=AuditAction.RUN_PHASE, request=run.request,
+                             object_type="migration_run", object_id=str(run.pk), task_id=run.task_id,
+                             data={"phase": run.phase, "percent": round(run.percent, 1)})
+                notify_request_changed(run.request)
+        self.last_stored = time.monotonic()
+
+
+def _apply_placement(run: MigrationRun, placement: drv.Placement) -> None:
+    """Record where the VM is now (as the driver read it back), and move datastore free space with it."""
+    vm = run.request.vm
+    vm.host = Host.objects.get(connection=vm.connection, ref=placement.host_ref)
+    vm.save(update_fields=["host"])
+    stores = {d.ref: d for d in Datastore.objects.filter(connection=vm.connection, ref__in=set(placement.disk_datastores.values()))}
+    for disk in VirtualDisk.objects.filter(vm=vm).select_related("datastore"):
+        new_ref = placement.disk_datastores.get(disk.key)
+        if new_ref is None or new_ref == disk.datastore.ref:
+            continue
+        target = stores[new_ref]
+        Datastore.objects.filter(pk=disk.datastore_id).update(free_bytes=F("free_bytes") + disk.capacity_bytes)
+        Datastore.objects.filter(pk=target.pk).update(free_bytes=F("free_bytes") - disk.capacity_bytes)
+        disk.datastore = target
+        disk.save(update_fields=["datastore"])
+
+
+def migration_run_finish(*, run: MigrationRun, outcome: _Outcome) -> None:
+    """Write the run's true outcome, the VM's new placement and the audit entry, in one transaction."""
+    with transaction.atomic():
+        request = MigrationRequest.objects.select_for_update().select_related("vm__host", "vm__connection").get(
+            pk=run.request_id
+        )
+        run = MigrationRun.objects.select_for_update().get(pk=run.pk)
+        run.request = request
+        now = timezone.now()
+        before = request.vm.placement_snapshot()
+        after: dict = {}
+        error = outcome.error
+        if outcome.result is not None:
+            try:
+                _apply_placement(run, outcome.result.placement)
+            except (Host.DoesNotExist, KeyError) as exc:
+                error = exc
+                outcome.traceback = (
+                    f"the hypervisor reported a placement the portal does not know ({exc!r}); "
+                    "an inventory sync will correct it"
+                )
+        if outcome.result is not None and error is None:
+            target, action = S.SUCCEEDED, AuditAction.RUN_SUCCEEDED
+            run.task_id = outcome.result.task_id or run.task_id
+            run.downtime_ms = outcome.result.downtime_ms
+            run.phase, run.percent = Phase.DONE, 100.0
+            run.bytes_done = run.bytes_total
+            run.eta_s = 0
+            request.vm.refresh_from_db()
+            after = request.vm.placement_snapshot()
+            late = " (the cancel arrived after the move had completed)" if request.status == S.CANCELLING else ""
+            run.explanation = f"{request.vm.name} now runs as requested: {_placement_text(after)}.{late}"
+        elif isinstance(error, drv.MigrationCancelled):
+            target, action = S.CANCELLED, AuditAction.RUN_CANCELLED
+            run.explanation = error.explanation()
+        elif isinstance(error, drv.DriverError):
+            target, action = S.FAILED, AuditAction.RUN_FAILED
+            run.explanation = error.explanation()
+        else:
+            target, action = S.ERRORED, AuditAction.RUN_ERRORED
+            run.explanation = "The portal hit an internal error; the VM's placement is re-checked by the next sync."
+            run.traceback = outcome.traceback or repr(error)
+        set_status(request, target)
+        request.save(update_fields=["status", "updated_at"])
+        run.finished_at = now
+        run.save()
+        audit_record(
+            actor=None,
+            action=action,
+            request=request,
+            object_type="migration_run",
+            object_id=str(run.pk),
+            outcome=AuditOutcome.SUCCESS if target == S.SUCCEEDED else AuditOutcome.FAILURE,
+            reason=run.explanation,
+            before=before,
+            after=after,
+            task_id=run.task_id,
+            data={"downtime_ms": run.downtime_ms, "worker": run.worker},
+        )
+        append_run_event(run, status=target, message=run.explanation)
+        notify_request_changed(request)
+
+
+def _placement_text(snapshot: dict) -> str:
+    stores = sorted(set(snapshot.get("disks", {}).values()))
+    return f"host {snapshot.get('host')}, datastore {', '.join(stores)}"

@@ -1,0 +1,64 @@
+"""Celery tasks: thin entry points that load ids and call services.
+
+``execute_run`` is acked early (settings: CELERY_TASK_ACKS_LATE = False): a migration is never
+retried by redelivery; the run's claim in the database decides whether it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery import shared_task
+from celery.signals import worker_process_shutdown, worker_shutdown
+
+from drivers import base as drv
+from drivers import registry
+from migrations_app.models import HypervisorConnection
+from migrations_app.services import inventory as inventory_services
+from migrations_app.services import requests as request_services
+from migrations_app.services import runs as run_services
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@shared_task(name="migrations_app.tasks.execute_run", ignore_result=True)
+def execute_run(run_id: int) -> None:
+    run_services.migration_run_execute(run_id=int(run_id), worker=worker_name())
+
+
+@shared_task(name="migrations_app.tasks.dispatch_due", ignore_result=True)
+def dispatch_due() -> None:
+    run_services.migration_request_start_due()
+    run_services.migration_run_redispatch_stale()
+
+
+@shared_task(name="migrations_app.tasks.expire_stale", ignore_result=True)
+def expire_stale() -> None:
+    request_services.migration_request_expire_stale()
+
+
+@shared_task(name="migrations_app.tasks.sync_inventory", ignore_result=True)
+def sync_inventory(connection_id: int) -> None:
+    connection = HypervisorConnection.objects.get(pk=connection_id)
+    try:
+        inventory_services.inventory_sync(connection=connection)
+    except drv.DriverError as exc:
+        log.warning("inventory sync of %s failed: %s", connection.name, exc.explanation())
+
+
+@shared_task(name="migrations_app.tasks.sync_all_inventories", ignore_result=True)
+def sync_all_inventories() -> None:
+    for pk in HypervisorConnection.objects.filter(enabled=True).values_list("pk", flat=True):
+        sync_inventory.delay(pk)
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _logout(**_kwargs) -> None:
+    registry.close_all()

@@ -1,0 +1,249 @@
+"""Pages. Each view checks access, calls one selector or one service, and renders."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_GET, require_POST
+
+from migrations_app import access, selectors
+from migrations_app.choices import AuditAction, AuditOutcome, Role
+from migrations_app.forms import AuditFilterForm, CommentForm, MigrateForm, RejectForm
+from migrations_app.models import Cluster, Host, MigrationRequest, VirtualMachine
+from migrations_app.services import requests as request_services
+from migrations_app.services.audit import audit_denied
+from migrations_app.services.errors import ActionRefused
+
+
+def client_ip(request) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def _deny(request, verdict, *, action=AuditAction.ACCESS_DENIED, obj=None):
+    audit_denied(actor=request.user, action=action, reason=verdict.reason, ip=client_ip(request),
+                 request=obj if isinstance(obj, MigrationRequest) else None, object_type="page",
+                 object_id=request.path[:50])
+    raise PermissionDenied(verdict.reason)
+
+
+@login_required
+def home(request):
+    if access.has_role(request.user, Role.APPROVER):
+        return redirect("approvals")
+    if access.has_role(request.user, Role.AUDITOR) and not access.has_role(request.user, Role.REQUESTER):
+        return redirect("audit")
+    return redirect("my_requests")
+
+
+# -- inventory ---------------------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def inventory(request):
+    f = request.GET
+    vms = selectors.vm_search(request.user, text=f.get("q", "").strip(), cluster_id=f.get("cluster", ""),
+                              host_id=f.get("host", ""), power=f.get("power", ""), tag=f.get("tag", "").strip())
+    page = Paginator(vms, 50).get_page(f.get("page"))
+    context = {
+        "page": page,
+        "clusters": Cluster.objects.select_related("datacenter").order_by("name"),
+        "hosts": Host.objects.filter(present=True).order_by("name"),
+        "filters": f,
+    }
+    template = "migrations_app/_vm_rows.html" if request.htmx and request.htmx.target == "vm-rows" else "migrations_app/inventory.html"
+    return render(request, template, context)
+
+
+@login_required
+@require_GET
+def vm_detail(request, pk: int):
+    vm = get_object_or_404(VirtualMachine.objects.select_related("host__cluster", "owner_group", "connection"), pk=pk)
+    verdict = access.can_view_vm(request.user, vm)
+    if not verdict:
+        _deny(request, verdict)
+    return render(request, "migrations_app/vm_detail.html", {
+        "vm": vm,
+        "disks": vm.disks.select_related("datastore"),
+        "recent": selectors.visible_requests(request.user).filter(vm=vm)[:10],
+        "can_migrate": access.can_request_migration(request.user, vm),
+        "open_request": selectors.open_request_for_vm(vm),
+    })
+
+
+def _migrate_context(vm, form, target_host=None):
+    return {
+        "vm": vm,
+        "form": form,
+        "host_choices": selectors.host_choices(vm),
+        "datastore_choices": selectors.datastore_choices(vm, target_host),
+        "target_host": target_host,
+    }
+
+
+@login_required
+def vm_migrate(request, pk: int):
+    vm = get_object_or_404(VirtualMachine.objects.select_related("host__cluster", "connection"), pk=pk)
+    verdict = access.can_request_migration(request.user, vm)
+    if not verdict:
+        _deny(request, verdict, action=AuditAction.REQUEST_SUBMITTED)
+    if request.method == "POST":
+        form = MigrateForm(request.POST, vm=vm)
+        if form.is_valid():
+            d = form.cleaned_data
+            try:
+                mr = request_services.migration_request_submit(
+                    requester=request.user, vm=vm, kind=d["kind"], reason=d["reason"],
+                    target_host=d["target_host"], target_datastore=d["target_datastore"],
+                    start_after=d["start_after"], ip=client_ip(request),
+                )
+            except ActionRefused as exc:
+                form.add_error(exc.field if exc.field in form.fields else None, exc.message)
+            else:
+                messages.success(request, f"Request #{mr.pk} submitted: {mr.get_status_display().lower()}.")
+                return redirect("request_detail", pk=mr.pk)
+        target_host = form.cleaned_data.get("target_host") if hasattr(form, "cleaned_data") else None
+        return render(request, "migrations_app/migrate.html", _migrate_context(vm, form, target_host), status=400)
+    return render(request, "migrations_app/migrate.html", _migrate_context(vm, MigrateForm(vm=vm)))
+
+
+@login_required
+@require_GET
+def vm_migrate_datastores(request, pk: int):
+    """htmx: the datastore choices for the host picked in the Migrate form."""
+    vm = get_object_or_404(VirtualMachine, pk=pk)
+    if not access.can_view_vm(request.user, vm):
+        raise PermissionDenied
+    host_id = request.GET.get("target_host", "")
+    host = Host.objects.filter(connection=vm.connection, pk=host_id).first() if host_id.isdigit() else None
+    return render(request, "migrations_app/_datastore_select.html", {
+        "datastore_choices": selectors.datastore_choices(vm, host), "target_host": host,
+    })
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def my_requests(request):
+    page = Paginator(selectors.my_requests(request.user), 25).get_page(request.GET.get("page"))
+    template = "migrations_app/_request_rows.html" if request.htmx else "migrations_app/my_requests.html"
+    return render(request, template, {"page": page, "show_requester": False})
+
+
+@login_required
+@require_GET
+def approvals(request):
+    verdict = access.can_watch_approvals(request.user)
+    if not verdict:
+        _deny(request, verdict)
+    queue = selectors.approval_queue(request.user)
+    template = "migrations_app/_approval_cards.html" if request.htmx else "migrations_app/approvals.html"
+    return render(request, template, {"queue": queue, "reject_form": RejectForm()})
+
+
+def _visible_request(request, pk: int) -> MigrationRequest:
+    mr = get_object_or_404(MigrationRequest.objects.select_related(
+        "vm__host__cluster", "requester", "target_host", "target_datastore", "decided_by"), pk=pk)
+    verdict = access.can_view_request(request.user, mr)
+    if not verdict:
+        _deny(request, verdict, obj=mr)
+    return mr
+
+
+def _detail_context(request, mr: MigrationRequest) -> dict:
+    run = getattr(mr, "run", None)
+    return {
+        "mr": mr,
+        "run": run,
+        "can_decide": access.can_decide(request.user, mr),
+        "can_cancel": access.can_cancel(request.user, mr),
+        "history": mr.audit.order_by("id"),
+        "reject_form": RejectForm(),
+        "comment_form": CommentForm(),
+    }
+
+
+@login_required
+@require_GET
+def request_detail(request, pk: int):
+    mr = _visible_request(request, pk)
+    template = "migrations_app/_request_panel.html" if request.htmx else "migrations_app/request_detail.html"
+    return render(request, template, _detail_context(request, mr))
+
+
+def _act(request, pk: int, service, **kwargs):
+    mr = _visible_request(request, pk)
+    try:
+        service(request=mr, actor=request.user, ip=client_ip(request), **kwargs)
+    except ActionRefused as exc:
+        messages.error(request, f"Request #{pk}: {exc.message}.")
+        status = 403 if exc.denied else 409
+        if request.htmx:
+            return HttpResponse(exc.message, status=status)
+    else:
+        messages.success(request, f"Request #{pk}: done.")
+    return _back(request, pk)
+
+
+def _back(request, pk: int):
+    """Return to the page the action came from (same site only), else to the request."""
+    nxt = request.POST.get("next", "")
+    if url_has_allowed_host_and_scheme(nxt, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+        return redirect(nxt)
+    return redirect("request_detail", pk=pk)
+
+
+@login_required
+@require_POST
+def request_approve(request, pk: int):
+    form = CommentForm(request.POST)
+    comment = form.cleaned_data["comment"] if form.is_valid() else ""
+    return _act(request, pk, request_services.migration_request_approve, comment=comment)
+
+
+@login_required
+@require_POST
+def request_reject(request, pk: int):
+    form = RejectForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Request #{pk}: a rejection needs a reason the requester can act on.")
+        return _back(request, pk)
+    return _act(request, pk, request_services.migration_request_reject, reason=form.cleaned_data["reason"])
+
+
+@login_required
+@require_POST
+def request_cancel(request, pk: int):
+    return _act(request, pk, request_services.migration_request_cancel, reason=request.POST.get("reason", "")[:2000])
+
+
+# -- audit -------------------------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def audit_log(request):
+    verdict = access.can_view_audit(request.user)
+    if not verdict:
+        _deny(request, verdict)
+    form = AuditFilterForm(request.GET)
+    filters = form.cleaned_data if form.is_valid() else {}
+    entries = selectors.audit_entries(
+        actor=filters.get("actor") or "", vm=filters.get("vm") or "", action=filters.get("action") or "",
+        outcome=filters.get("outcome") or "", request_id=filters.get("request") or "",
+        since=filters.get("since"), until=filters.get("until"), text=filters.get("q") or "",
+    ).select_related("request")
+    page = Paginator(entries, 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "migrations_app/audit.html", {
+        "form": form, "page": page, "actions": AuditAction.choices, "outcomes": AuditOutcome.choices,
+        "query": query.urlencode(),
+    })

@@ -1,0 +1,140 @@
+// Live updates for the portal: one websocket per page, re-subscribed after every reconnect.
+// The socket only notifies; the page catches up from stored events after the last seq it applied.
+(function () {
+  "use strict";
+  const subscriptions = []; // functions returning the subscribe message (so "after" is current)
+  const handlers = [];
+  let socket = null;
+  let backoff = 500;
+
+  function setState(text, cls) {
+    const el = document.getElementById("live-state");
+    if (el) { el.textContent = text; el.className = "live-state " + cls; }
+  }
+
+  function send(msg) {
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(msg));
+  }
+
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+    socket = new WebSocket(scheme + location.host + "/ws/live/");
+    socket.addEventListener("open", () => {
+      backoff = 500;
+      setState("● live", "on");
+      subscriptions.forEach((make) => send(make()));
+    });
+    socket.addEventListener("message", (e) => {
+      let msg;
+      try { msg = JSON.parse(e.data); } catch (_) { return; }
+      handlers.forEach((h) => h(msg));
+    });
+    socket.addEventListener("close", () => {
+      setState("○ reconnecting", "off");
+      setTimeout(connect, backoff);
+      backoff = Math.min(backoff * 2, 10000);
+    });
+  }
+
+  function subscribe(make) { subscriptions.push(make); send(make()); }
+  function on(handler) { handlers.push(handler); }
+
+  // -- formatting ---------------------------------------------------------------------------
+  function bytes(n) {
+    if (!n) return "0 bytes";
+    const units = ["bytes", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return n.toFixed(i ? 1 : 0) + " " + units[i];
+  }
+  function duration(s) {
+    if (s === null || s === undefined || !isFinite(s)) return "—";
+    s = Math.max(0, Math.round(s));
+    if (s < 60) return s + " s";
+    return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  }
+  const PHASES = { waiting: "Waiting for a worker", precheck: "Pre-check", disk_copy: "Disk copy",
+    memory_precopy: "Memory pre-copy", switchover: "Switchover", done: "Done" };
+  const TERMINAL = ["succeeded", "failed", "errored", "cancelled", "rejected", "expired"];
+
+  // -- a run's progress on the request page ---------------------------------------------------
+  function watchRun(runId, requestId) {
+    const box = document.getElementById("run-progress");
+    let lastSeq = box ? parseInt(box.dataset.seq || "0", 10) : 0;
+    let lastStatus = (document.getElementById("request-status") || {}).dataset?.status;
+    on((msg) => {
+      if (msg.type === "request.changed" && msg.id === requestId && msg.status !== lastStatus) {
+        lastStatus = msg.status;
+        document.body.dispatchEvent(new Event("portal:request-status"));
+      }
+      if (msg.type !== "run.event" || msg.id !== runId || msg.seq <= lastSeq) return;
+      lastSeq = msg.seq;
+      apply(msg);
+      if (msg.status !== lastStatus) {
+        lastStatus = msg.status;
+        // The panel (status, actions, explanation) is re-rendered by the server.
+        document.body.dispatchEvent(new Event("portal:request-status"));
+      }
+    });
+    subscribe(() => ({ action: "subscribe", stream: "run", id: runId, after: lastSeq }));
+    subscribe(() => ({ action: "subscribe", stream: "my-requests" }));
+    // After the panel is re-rendered, the new DOM carries the server's seq: keep ours if newer.
+    document.body.addEventListener("htmx:afterSwap", () => {
+      const fresh = document.getElementById("run-progress");
+      if (fresh) fresh.dataset.seq = String(Math.max(lastSeq, parseInt(fresh.dataset.seq || "0", 10)));
+    });
+  }
+
+  function apply(ev) {
+    const set = (id, text) => { const el = document.getElementById(id); if (el) el.textContent = text; };
+    const bar = document.getElementById("run-bar");
+    if (bar) {
+      bar.style.width = ev.percent + "%";
+      bar.parentElement.setAttribute("aria-valuenow", String(Math.round(ev.percent)));
+    }
+    const phase = document.getElementById("run-phase");
+    if (phase) { phase.textContent = PHASES[ev.phase] || ev.phase; phase.dataset.phase = ev.phase; }
+    set("run-percent", ev.percent.toFixed(1));
+    set("run-bytes", bytes(ev.bytes_done) + " of " + bytes(ev.bytes_total));
+    set("run-rate", ev.rate_bytes_per_s ? bytes(ev.rate_bytes_per_s) + "/s" : "—");
+    set("run-eta", TERMINAL.includes(ev.status) ? "—" : duration(ev.eta_s));
+    const status = document.getElementById("request-status");
+    if (status) {
+      status.dataset.status = ev.status;
+      status.className = "status big status-" + ev.status;
+      status.textContent = ev.status.charAt(0).toUpperCase() + ev.status.slice(1);
+    }
+    const list = document.getElementById("run-events");
+    if (list && !list.querySelector('[data-seq="' + ev.seq + '"]')) {
+      const li = document.createElement("li");
+      li.dataset.seq = ev.seq;
+      const t = new Date(ev.at);
+      li.textContent = t.toISOString().substring(11, 19) + " " + (PHASES[ev.phase] || ev.phase) + " · " +
+        Math.round(ev.percent) + "%" + (ev.message ? " · " + ev.message : "");
+      list.appendChild(li);
+    }
+  }
+
+  // -- a request without a run yet (pending): reload the panel when it changes ----------------
+  function watchRequest(requestId) {
+    on((msg) => {
+      if (msg.type === "request.changed" && msg.id === requestId) {
+        // Once a run exists the page needs the progress widget: load the full page again.
+        if (["queued", "running"].includes(msg.status)) location.reload();
+        else document.body.dispatchEvent(new Event("portal:request-status"));
+      }
+    });
+    subscribe(() => ({ action: "subscribe", stream: "my-requests" }));
+    subscribe(() => ({ action: "subscribe", stream: "approvals" }));
+  }
+
+  // -- lists: any change to a request refreshes the list fragment -----------------------------
+  function watchRequests(stream) {
+    on((msg) => {
+      if (msg.type === "request.changed") document.body.dispatchEvent(new Event("portal:requests-changed"));
+    });
+    subscribe(() => ({ action: "subscribe", stream: stream }));
+  }
+
+  window.PortalLive = { start: connect, subscribe, on, watchRun, watchRequest, watchRequests };
+})();
