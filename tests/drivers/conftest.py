@@ -16,6 +16,7 @@ import pytest
 # kind -> "module:factory"; a factory is a generator fixture body yielding a Harness.
 HARNESS_FACTORIES = {
     "simulator": "tests.drivers.peer_simulator:harness_factory",
+    "vcenter": "tests.drivers.peer_vcenter:harness_factory",
 }
 
 # DRIVER_KINDS=simulator,vcenter narrows the run (make targets use it); default: every kind.
