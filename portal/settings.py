@@ -7,11 +7,26 @@ DATABASE_URL (SQLite when unset), REDIS_URL, SECRET_KEY, DEBUG, ALLOWED_HOSTS, P
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+# Under pytest, unit tests run in one process: an in-memory channel layer and broker (nothing they
+# queue can reach a real worker) and PostgreSQL. End-to-end tests start real servers with their own
+# environment. Anything set in the environment still wins.
+TESTING = "pytest" in sys.modules
+if TESTING:
+    for _key, _value in {
+        "DATABASE_URL": "postgres://portal:portal@127.0.0.1:5432/portal",
+        "CHANNEL_LAYER": "memory",
+        "CELERY_BROKER_URL": "memory://",
+        "PORTAL_HEARTBEAT_S": "0.2",
+        "PORTAL_PROGRESS_INTERVAL_S": "0.05",
+    }.items():
+        os.environ.setdefault(_key, _value)
 DATA_DIR = Path(os.environ.get("PORTAL_DATA_DIR", BASE_DIR / "var"))
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -96,12 +111,15 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # -- Redis: Celery broker and the channel layer --------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("CHANNEL_PREFIX", "portal")},
+if os.environ.get("CHANNEL_LAYER") == "memory":  # single-process tests only
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("CHANNEL_PREFIX", "portal")},
+        }
     }
-}
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = None  # results live in MigrationRun, not in the broker
 CELERY_TASK_ACKS_LATE = False  # a migration is not idempotent: never rely on redelivery
@@ -148,6 +166,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)
 WHITENOISE_USE_FINDERS = DEBUG  # production runs collectstatic; the demo serves straight from the apps
 
 SESSION_COOKIE_HTTPONLY = True

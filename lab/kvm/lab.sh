@@ -77,8 +77,7 @@ cmd_install() {
     useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
   local want
   want=$(sed -n 's/^libvirt-python==//p' "$REPO/requirements-lab.txt")
-  if [ "$("$VENV/bin/python" -c 'import libvirt; print(libvirt.__version__ if hasattr(libvirt, "__version__") else "")' 2>/dev/null || true)" != "$want" ] &&
-     ! "$VENV/bin/pip" show libvirt-python 2>/dev/null | grep -qx "Version: $want"; then
+  if [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("libvirt-python"))' 2>/dev/null || true)" != "$want" ]; then
     log "pip install -r requirements-lab.txt into $VENV"
     "$VENV/bin/pip" install -q -r "$REPO/requirements-lab.txt"
   fi
@@ -88,7 +87,12 @@ cmd_install() {
 
 # ---------------------------------------------------------------------------------------------
 ns() { echo "$NS_PREFIX$1"; }
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { # pidfile: the process runs (a zombie nobody reaped yet counts as gone)
+  local pid
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]
+}
 
 # Runs inside the new namespaces (ip netns exec + unshare): bind-mount this host's folders over
 # the paths libvirtd hard-codes, then become libvirtd. Mounts die with the namespace.
@@ -214,7 +218,8 @@ wait_for() { # seconds description command...
   t0=$(now)
   until "$@" >/dev/null 2>&1; do
     for host in "${HOSTS[@]}"; do
-      alive "$LAB/$host/libvirtd.pid" || die "libvirtd on $host died: $(tail -3 "$LAB/$host/log/libvirtd.log" "$LAB/$host/daemon.out" 2>/dev/null)"
+      # No pid file yet = still starting; a pid file whose process is gone = died.
+      [ ! -e "$LAB/$host/libvirtd.pid" ] || alive "$LAB/$host/libvirtd.pid" || die "libvirtd on $host died: $(tail -3 "$LAB/$host/log/libvirtd.log" "$LAB/$host/daemon.out" 2>/dev/null)"
     done
     if [ "$(echo "$(now) - $t0 > $limit" | bc)" = 1 ]; then die "timed out after ${limit} s waiting for $what"; fi
     sleep 0.1

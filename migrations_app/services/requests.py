@@ -14,6 +14,8 @@ from migrations_app.models import Datastore, Host, MigrationRequest, VirtualMach
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_denied, audit_record
 from migrations_app.services.errors import ActionRefused
+
+__all__ = ["ActionRefused"]
 from migrations_app.services.preflight import check_move
 
 S = RequestStatus
@@ -36,7 +38,7 @@ def notify_request_changed(request: MigrationRequest) -> None:
 
 def _lock(request: MigrationRequest) -> MigrationRequest:
     return (
-        MigrationRequest.objects.select_for_update()
+        MigrationRequest.objects.select_for_update(of=("self",))
         .select_related("vm", "requester", "target_host", "target_datastore")
         .get(pk=request.pk)
     )
@@ -71,10 +73,15 @@ def migration_request_submit(
 
     with transaction.atomic():
         # Lock the VM row: two submissions for one VM queue here, and the second sees the first.
-        vm = VirtualMachine.objects.select_for_update().select_related("host__cluster", "connection").get(pk=vm.pk)
+        vm = VirtualMachine.objects.select_for_update(of=("self",)).select_related("host__cluster", "connection").get(pk=vm.pk)
         existing = open_request_for_vm(vm)
         if existing is not None:
             raise ActionRefused(f"{vm.name} already has an open request (#{existing.pk}, {existing.get_status_display().lower()})")
+        # Judge the targets as they are now, not as the caller last read them.
+        if target_host is not None:
+            target_host = Host.objects.select_related("cluster").get(pk=target_host.pk)
+        if target_datastore is not None:
+            target_datastore = Datastore.objects.get(pk=target_datastore.pk)
         check_move(vm, kind, target_host, target_datastore)
         request = MigrationRequest.objects.create(
             requester=requester,
@@ -227,7 +234,7 @@ def migration_request_expire_stale(*, now: datetime | None = None) -> int:
     count = 0
     for pk in MigrationRequest.objects.filter(status=S.PENDING_APPROVAL, created_at__lt=cutoff).values_list("pk", flat=True):
         with transaction.atomic():
-            request = MigrationRequest.objects.select_for_update().select_related("vm").get(pk=pk)
+            request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(pk=pk)
             if request.status != S.PENDING_APPROVAL:
                 continue  # decided meanwhile
             set_status(request, S.EXPIRED)

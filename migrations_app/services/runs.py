@@ -14,11 +14,11 @@ import threading
 import time
 import traceback
 import uuid
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -118,7 +118,7 @@ def migration_request_start_due(*, now=None) -> int:
     due = MigrationRequest.objects.filter(status=S.APPROVED, start_after__lte=now).values_list("pk", flat=True)
     for pk in due:
         with transaction.atomic():
-            request = MigrationRequest.objects.select_for_update().select_related("vm").get(pk=pk)
+            request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(pk=pk)
             if request.status != S.APPROVED:
                 continue
             migration_run_enqueue(request=request, actor=None)
@@ -143,11 +143,11 @@ class _Outcome:
 def _claim(run_id: int, worker: str) -> MigrationRun | None:
     """Take ownership of a queued run; None when it is not queued (cancelled, already claimed)."""
     with transaction.atomic():
-        run = MigrationRun.objects.select_for_update().filter(pk=run_id).first()
+        run = MigrationRun.objects.select_for_update(of=("self",)).filter(pk=run_id).first()
         if run is None:
             log.warning("run %s does not exist; dropping the message", run_id)
             return None
-        request = MigrationRequest.objects.select_for_update().select_related("vm").get(pk=run.request_id)
+        request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(pk=run.request_id)
         if request.status != S.QUEUED:
             log.info("run %s is %s, not queued; not starting it", run_id, request.status)
             return None
@@ -319,10 +319,10 @@ def _apply_placement(run: MigrationRun, placement: drv.Placement) -> None:
 def migration_run_finish(*, run: MigrationRun, outcome: _Outcome) -> None:
     """Write the run's true outcome, the VM's new placement and the audit entry, in one transaction."""
     with transaction.atomic():
-        request = MigrationRequest.objects.select_for_update().select_related("vm__host", "vm__connection").get(
+        request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm__host", "vm__connection").get(
             pk=run.request_id
         )
-        run = MigrationRun.objects.select_for_update().get(pk=run.pk)
+        run = MigrationRun.objects.select_for_update(of=("self",)).get(pk=run.pk)
         run.request = request
         now = timezone.now()
         before = request.vm.placement_snapshot()

@@ -16,6 +16,7 @@ import pytest
 # kind -> "module:factory"; a factory is a generator fixture body yielding a Harness.
 HARNESS_FACTORIES = {
     "simulator": "tests.drivers.peer_simulator:harness_factory",
+    "libvirt": "tests.drivers.peer_libvirt:harness_factory",
     "vcenter": "tests.drivers.peer_vcenter:harness_factory",
 }
 

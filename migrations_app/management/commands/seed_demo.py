@@ -44,6 +44,6 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(
             f"Simulated datacenter: {counts['vms']} VMs on {counts['hosts']} hosts, {counts['datastores']} datastores."
         ))
-        self.stdout.write("Users (password for all: %s):" % password)
+        self.stdout.write(f"Users (password for all: {password}):")
         for username, roles, teams, _ in USERS:
             self.stdout.write(f"  {username:<6} {', '.join(r.value for r in roles)}{' · ' + ', '.join(teams) if teams else ''}")

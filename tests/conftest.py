@@ -1,0 +1,65 @@
+"""Shared fixtures: a small simulated datacenter synced into the portal, and users in each role."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Group, User
+
+from migrations_app.choices import Role
+from migrations_app.models import HypervisorConnection, VirtualMachine
+from migrations_app.services.inventory import inventory_sync
+
+FAST_SIM = {"speed": 400, "tick_s": 0.02, "vms": 12, "clusters": 2, "hosts_per_cluster": 3, "datastores": 3}
+
+
+@pytest.fixture(autouse=True)
+def _simulator_state(tmp_path, settings):
+    """Each test gets its own simulated datacenter state."""
+    settings.PORTAL = {**settings.PORTAL, "SIMULATOR_STATE_DIR": str(tmp_path / "sim")}
+    # Real hashing costs ~0.3 s a user; tests log in as many users.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def make_user(username: str, *roles: Role, teams: tuple[str, ...] = ()) -> User:
+    user = User.objects.create_user(username=username, password="pw-" + username)
+    for name in [r.value for r in roles] + list(teams):
+        user.groups.add(Group.objects.get_or_create(name=name)[0])
+    return user
+
+
+@pytest.fixture
+def datacenter(db):
+    conn = HypervisorConnection.objects.create(name="sim", kind="simulator", options=dict(FAST_SIM))
+    inventory_sync(connection=conn)
+    return conn
+
+
+@pytest.fixture
+def users(db):
+    return {
+        "alice": make_user("alice", Role.REQUESTER, teams=("team-web", "team-data", "team-ops")),
+        "bob": make_user("bob", Role.APPROVER, Role.REQUESTER, teams=("team-web",)),
+        "erin": make_user("erin", Role.APPROVER),
+        "dave": make_user("dave", Role.AUDITOR),
+        "carol": make_user("carol", Role.ADMIN),
+        "mallory": make_user("mallory", Role.REQUESTER, teams=("team-elsewhere",)),
+    }
+
+
+def running_vm(conn, *, exclude_tags=("sim:",)) -> VirtualMachine:
+    for vm in VirtualMachine.objects.filter(connection=conn, power_state="on", owner_group__name="team-web").order_by("pk"):
+        if not any(t.startswith(p) for t in vm.tags for p in exclude_tags):
+            return vm
+    raise AssertionError("no running team-web VM in the simulated datacenter")
+
+
+def other_host_same_cluster(vm):
+    from migrations_app.selectors import host_choices
+
+    return next(c.obj for c in host_choices(vm) if c.valid)
+
+
+def other_cluster_host(vm):
+    from migrations_app.models import Host
+
+    return Host.objects.filter(connection=vm.connection).exclude(cluster=vm.host.cluster).first()

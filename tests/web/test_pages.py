@@ -1,0 +1,179 @@
+"""Pages and the JSON API: each role sees what it should, and bad input is refused with a clear
+message while nothing changes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from django.test import Client
+
+from migrations_app.choices import RequestStatus
+from migrations_app.models import AuditEntry, Datastore, Host, HypervisorConnection, MigrationRequest
+from migrations_app.services import requests as svc
+from tests.conftest import other_cluster_host, other_host_same_cluster, running_vm
+
+pytestmark = pytest.mark.django_db
+
+
+def client_for(user) -> Client:
+    c = Client()
+    c.force_login(user)
+    return c
+
+
+def migrate_post(vm, **fields):
+    data = {"kind": "compute", "reason": "patch window", "start_mode": "now"}
+    data.update({k: ("" if v is None else v) for k, v in fields.items()})
+    return data
+
+
+@pytest.mark.parametrize("url_name, allowed", [
+    ("/inventory/", {"alice", "bob", "erin", "dave", "carol", "mallory"}),
+    ("/requests/", {"alice", "bob", "erin", "dave", "carol", "mallory"}),
+    ("/approvals/", {"bob", "erin", "carol"}),
+    ("/audit/", {"dave", "carol"}),
+])
+def test_pages_by_role(users, datacenter, url_name, allowed):
+    for name, user in users.items():
+        status = client_for(user).get(url_name).status_code
+        assert status == (200 if name in allowed else 403), (name, url_name, status)
+
+
+def test_anonymous_users_are_sent_to_login(datacenter):
+    response = Client().get("/inventory/")
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_migrate_form_offers_only_valid_targets_and_says_why_not(users, datacenter):
+    vm = running_vm(datacenter)
+    page = client_for(users["alice"]).get(f"/vms/{vm.pk}/migrate/").content.decode()
+    options = {int(pk): tag for pk, tag in re.findall(r'(<option value="(\d+)"[^>]*>)', page) and
+               [(m[1], m[0]) for m in re.findall(r'(<option value="(\d+)"[^>]*>)', page)]}
+    valid = other_host_same_cluster(vm)
+    assert "disabled" not in options[valid.pk]
+    foreign = other_cluster_host(vm)
+    assert "disabled" in options[foreign.pk]
+    assert f"{foreign.name} — in cluster {foreign.cluster.name}" in page
+    maintenance = Host.objects.filter(maintenance=True).first()
+    if maintenance.cluster_id == vm.host.cluster_id:
+        assert "in maintenance mode" in page
+
+
+def test_submitting_the_form_creates_a_request(users, datacenter):
+    vm = running_vm(datacenter)
+    target = other_host_same_cluster(vm)
+    response = client_for(users["alice"]).post(f"/vms/{vm.pk}/migrate/", migrate_post(vm, target_host=target.pk))
+    mr = MigrationRequest.objects.get()
+    assert response.status_code == 302 and response["Location"] == f"/requests/{mr.pk}/"
+    assert mr.target_host == target and mr.requester == users["alice"]
+
+
+@pytest.mark.parametrize("case", ["other_cluster", "foreign_connection_host", "missing_host", "no_reason",
+                                  "bad_kind", "invisible_datastore"])
+def test_tampered_or_invalid_form_posts_change_nothing(users, datacenter, case):
+    vm = running_vm(datacenter)
+    other_conn = HypervisorConnection.objects.create(name="other", kind="simulator")
+    fields = {
+        "other_cluster": migrate_post(vm, target_host=other_cluster_host(vm).pk),
+        "foreign_connection_host": migrate_post(vm, target_host=999999),
+        "missing_host": migrate_post(vm),
+        "no_reason": migrate_post(vm, target_host=other_host_same_cluster(vm).pk, reason=""),
+        "bad_kind": migrate_post(vm, kind="teleport", target_host=other_host_same_cluster(vm).pk),
+        "invisible_datastore": migrate_post(
+            vm, kind="storage",
+            target_datastore=Datastore.objects.filter(connection=datacenter).exclude(hosts=vm.host).first().pk),
+    }[case]
+    assert other_conn  # a second connection exists whose objects must not be accepted
+    response = client_for(users["alice"]).post(f"/vms/{vm.pk}/migrate/", fields)
+    assert response.status_code == 400
+    assert b'class="errorlist' in response.content or b'class="error"' in response.content
+    assert not MigrationRequest.objects.exists()
+
+
+def test_unknown_vm_is_a_404(users, datacenter):
+    assert client_for(users["alice"]).get("/vms/999999/migrate/").status_code == 404
+
+
+def test_approving_your_own_request_through_a_forged_post_is_refused(users, datacenter):
+    bob = users["bob"]
+    vm = running_vm(datacenter)
+    mr = svc.migration_request_submit(requester=bob, vm=vm, kind="compute", target_host=other_host_same_cluster(vm),
+                                      reason="mine")
+    response = client_for(bob).post(f"/requests/{mr.pk}/approve/", follow=True)
+    assert "cannot approve or reject your own request" in response.content.decode()
+    mr.refresh_from_db()
+    assert mr.status == RequestStatus.PENDING_APPROVAL
+
+
+def test_approve_twice_through_the_page_reports_it(users, datacenter):
+    vm = running_vm(datacenter)
+    mr = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
+                                      target_host=other_host_same_cluster(vm), reason="x")
+    client_for(users["erin"]).post(f"/requests/{mr.pk}/approve/")
+    page = client_for(users["bob"]).post(f"/requests/{mr.pk}/approve/", follow=True).content.decode()
+    assert "already queued" in page
+
+
+def test_a_stranger_cannot_see_a_request(users, datacenter):
+    vm = running_vm(datacenter)
+    mr = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
+                                      target_host=other_host_same_cluster(vm), reason="x")
+    assert client_for(users["mallory"]).get(f"/requests/{mr.pk}/").status_code == 403
+    assert AuditEntry.objects.filter(actor=users["mallory"], outcome="denied").exists()
+
+
+def test_audit_page_filters(users, datacenter):
+    vm = running_vm(datacenter)
+    svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
+                                 target_host=other_host_same_cluster(vm), reason="audit me")
+    page = client_for(users["dave"]).get("/audit/", {"actor": "alice", "action": "request.submitted"}).content.decode()
+    assert "audit me" in page and vm.name in page
+
+
+# -- JSON API ---------------------------------------------------------------------------------
+
+
+def api_post(client, url, payload, raw=None):
+    return client.post(url, data=raw if raw is not None else json.dumps(payload), content_type="application/json")
+
+
+def test_api_submit_approve_and_read(users, datacenter):
+    vm = running_vm(datacenter)
+    target = other_host_same_cluster(vm)
+    created = api_post(client_for(users["alice"]), "/api/requests/",
+                       {"vm_id": vm.pk, "target_host_id": target.pk, "reason": "api"})
+    assert created.status_code == 201, created.content
+    rid = created.json()["id"]
+    approved = api_post(client_for(users["erin"]), f"/api/requests/{rid}/approve/", {"comment": "fine"})
+    assert approved.status_code == 200 and approved.json()["status"] == "queued"
+    run_id = approved.json()["run"]["id"]
+    events = client_for(users["alice"]).get(f"/api/runs/{run_id}/events/?after=0").json()["results"]
+    assert [e["seq"] for e in events] == [1]
+
+
+@pytest.mark.parametrize("payload, raw, status, text", [
+    (None, "{not json", 400, "not valid JSON"),
+    (None, "[]", 400, "JSON object"),
+    ({"reason": "x"}, None, 400, "vm_id is required"),
+    ({"vm_id": "7", "reason": "x"}, None, 400, "integer id"),
+    ({"vm_id": 999999, "reason": "x"}, None, 404, "no such VM"),
+])
+def test_api_rejects_bad_input_clearly(users, datacenter, payload, raw, status, text):
+    response = api_post(client_for(users["alice"]), "/api/requests/", payload, raw=raw)
+    assert response.status_code == status and text in response.json()["error"]
+    assert not MigrationRequest.objects.exists()
+
+
+def test_api_requires_login(datacenter):
+    assert Client().get("/api/requests/").status_code == 401
+
+
+def test_api_self_approval_is_403(users, datacenter):
+    vm = running_vm(datacenter)
+    bob = client_for(users["bob"])
+    rid = api_post(bob, "/api/requests/", {"vm_id": vm.pk, "target_host_id": other_host_same_cluster(vm).pk,
+                                           "reason": "mine"}).json()["id"]
+    response = api_post(bob, f"/api/requests/{rid}/approve/", {})
+    assert response.status_code == 403 and "your own request" in response.json()["error"]
