@@ -241,7 +241,7 @@ class VmFacts:
     host_ref: str
     pool_ref: str
     cluster_ref: str  # owner of the VM's resource pool = the cluster of its host
-    disks: tuple[Disk, ...]
+    disks: tuple[Disk, ...]  # read only for moves with a target datastore (the costly property)
     datastore_hosts: Mapping[str, tuple[str, ...]]  # the VM's datastores -> hosts mounting them
 
 
@@ -628,7 +628,8 @@ class VCenterDriver(Driver):
     # -- judging a move ---------------------------------------------------------------------
     def _move_facts(self, session: _Session, spec: MigrationSpec) -> MoveFacts:
         """Everything the rules need, in one RetrievePropertiesEx: the VM (and through it its
-        pool's cluster and its datastores), the target host (and its cluster), the target datastore."""
+        pool's cluster and its datastores), the target host (and its cluster), the target datastore.
+        The VM's device list, by far the largest property, is read only when disks move."""
         stub = self._stub
         vm_spec = PC.ObjectSpec(
             obj=vim.VirtualMachine(spec.vm_ref, stub),
@@ -652,11 +653,11 @@ class VCenterDriver(Driver):
             )
         if spec.target_datastore_ref:
             object_specs.append(PC.ObjectSpec(obj=vim.Datastore(spec.target_datastore_ref, stub)))
+        vm_paths = ["name", "runtime.host", "runtime.powerState", "resourcePool", "datastore"]
+        if spec.target_datastore_ref:
+            vm_paths.append("config.hardware.device")
         prop_specs = [
-            PC.PropertySpec(
-                type=vim.VirtualMachine,
-                pathSet=["name", "runtime.host", "runtime.powerState", "resourcePool", "config.hardware.device"],
-            ),
+            PC.PropertySpec(type=vim.VirtualMachine, pathSet=vm_paths),
             PC.PropertySpec(type=vim.ResourcePool, pathSet=["owner"]),
             PC.PropertySpec(type=vim.ComputeResource, pathSet=["resourcePool"]),
             PC.PropertySpec(
@@ -681,8 +682,7 @@ class VCenterDriver(Driver):
             cluster_ref=owner._moId if owner is not None else "",
             disks=disks,
             datastore_hosts={
-                ref: _mounted_hosts(by_ref.get(ref, {}).get("host"))
-                for ref in dict.fromkeys(d.datastore_ref for d in disks)
+                ds._moId: _mounted_hosts(by_ref.get(ds._moId, {}).get("host")) for ds in vm.get("datastore") or ()
             },
         )
         host_facts = None

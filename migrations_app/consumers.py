@@ -2,6 +2,7 @@
 
 Client -> server (JSON):
     {"action": "subscribe", "stream": "run", "id": <run id>, "after": <last seq seen>}
+    {"action": "subscribe", "stream": "request", "id": <request id>}
     {"action": "subscribe", "stream": "my-requests"}
     {"action": "subscribe", "stream": "approvals"}
 Server -> client: the payloads of ``events`` (type, id, seq, status, ...), plus
@@ -21,7 +22,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from migrations_app import access, events
-from migrations_app.models import MigrationRun
+from migrations_app.models import MigrationRequest, MigrationRun
 from migrations_app.selectors import run_events_after
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,16 @@ class LiveConsumer(AsyncWebsocketConsumer):
             return
         if stream == "run":
             await self._subscribe_run(msg)
+        elif stream == "request":
+            request_id = msg.get("id")
+            if not isinstance(request_id, int) or isinstance(request_id, bool):
+                await self._error("a request subscription needs an integer id")
+                return
+            if not await self._may_view_request(request_id):
+                await self._error("no such request, or you may not watch it", stream=stream, id=request_id)
+                return
+            await self._join(events.request_group(request_id))
+            await self._send({"type": "subscribed", "stream": stream, "id": request_id})
         elif stream == "my-requests":
             await self._join(events.user_requests_group(self.scope["user"].pk))
             await self._send({"type": "subscribed", "stream": stream, "id": None})
@@ -97,6 +108,11 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if run is None or not access.can_view_request(self.scope["user"], run.request):
             return False, []
         return True, [events.run_event_payload(e) for e in run_events_after(run, after)]
+
+    @database_sync_to_async
+    def _may_view_request(self, request_id: int) -> bool:
+        request = MigrationRequest.objects.select_related("vm").filter(pk=request_id).first()
+        return request is not None and bool(access.can_view_request(self.scope["user"], request))
 
     async def _join(self, group: str) -> None:
         if group not in self.groups_joined:

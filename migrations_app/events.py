@@ -22,6 +22,10 @@ def run_group(run_id: int) -> str:
     return f"migration-run.{run_id}"
 
 
+def request_group(request_id: int) -> str:
+    return f"migration-request.{request_id}"
+
+
 def user_requests_group(user_id: int) -> str:
     return f"requests.user.{user_id}"
 

@@ -32,6 +32,7 @@ def set_status(request: MigrationRequest, target: str) -> str:
 def notify_request_changed(request: MigrationRequest) -> None:
     """After commit: tell the requester's pages and the approvers' queue that this request changed."""
     payload = events.request_changed_payload(request)
+    transaction.on_commit(lambda: events.emit(events.request_group(request.pk), payload))
     transaction.on_commit(lambda: events.emit(events.user_requests_group(request.requester_id), payload))
     transaction.on_commit(lambda: events.emit(events.approvals_group(), payload))
 

@@ -57,32 +57,38 @@
     memory_precopy: "Memory pre-copy", switchover: "Switchover", done: "Done" };
   const TERMINAL = ["succeeded", "failed", "errored", "cancelled", "rejected", "expired"];
 
-  // -- a run's progress on the request page ---------------------------------------------------
-  function watchRun(runId, requestId) {
-    const box = document.getElementById("run-progress");
-    let lastSeq = box ? parseInt(box.dataset.seq || "0", 10) : 0;
+  // -- the request page: status changes re-render the panel, run events move the progress ------
+  function watchRequestPage(requestId) {
+    let runId = null;
+    let lastSeq = 0;
     let lastStatus = (document.getElementById("request-status") || {}).dataset?.status;
+    const refresh = () => document.body.dispatchEvent(new Event("portal:request-status"));
+
+    function attachRun() {
+      const box = document.getElementById("run-progress");
+      if (!box) return;
+      lastSeq = Math.max(lastSeq, parseInt(box.dataset.seq || "0", 10));
+      box.dataset.seq = String(lastSeq);
+      if (runId === null) {
+        runId = parseInt(box.dataset.runId, 10);
+        subscribe(() => ({ action: "subscribe", stream: "run", id: runId, after: lastSeq }));
+      }
+    }
+
     on((msg) => {
       if (msg.type === "request.changed" && msg.id === requestId && msg.status !== lastStatus) {
         lastStatus = msg.status;
-        document.body.dispatchEvent(new Event("portal:request-status"));
+        refresh();
       }
-      if (msg.type !== "run.event" || msg.id !== runId || msg.seq <= lastSeq) return;
-      lastSeq = msg.seq;
-      apply(msg);
-      if (msg.status !== lastStatus) {
-        lastStatus = msg.status;
-        // The panel (status, actions, explanation) is re-rendered by the server.
-        document.body.dispatchEvent(new Event("portal:request-status"));
+      if (msg.type === "run.event" && msg.id === runId && msg.seq > lastSeq) {
+        lastSeq = msg.seq;
+        apply(msg);
+        if (msg.status !== lastStatus) { lastStatus = msg.status; refresh(); }
       }
     });
-    subscribe(() => ({ action: "subscribe", stream: "run", id: runId, after: lastSeq }));
-    subscribe(() => ({ action: "subscribe", stream: "my-requests" }));
-    // After the panel is re-rendered, the new DOM carries the server's seq: keep ours if newer.
-    document.body.addEventListener("htmx:afterSwap", () => {
-      const fresh = document.getElementById("run-progress");
-      if (fresh) fresh.dataset.seq = String(Math.max(lastSeq, parseInt(fresh.dataset.seq || "0", 10)));
-    });
+    subscribe(() => ({ action: "subscribe", stream: "request", id: requestId }));
+    document.body.addEventListener("htmx:afterSwap", attachRun);
+    attachRun();
   }
 
   function apply(ev) {
@@ -115,19 +121,6 @@
     }
   }
 
-  // -- a request without a run yet (pending): reload the panel when it changes ----------------
-  function watchRequest(requestId) {
-    on((msg) => {
-      if (msg.type === "request.changed" && msg.id === requestId) {
-        // Once a run exists the page needs the progress widget: load the full page again.
-        if (["queued", "running"].includes(msg.status)) location.reload();
-        else document.body.dispatchEvent(new Event("portal:request-status"));
-      }
-    });
-    subscribe(() => ({ action: "subscribe", stream: "my-requests" }));
-    subscribe(() => ({ action: "subscribe", stream: "approvals" }));
-  }
-
   // -- lists: any change to a request refreshes the list fragment -----------------------------
   function watchRequests(stream) {
     on((msg) => {
@@ -136,5 +129,5 @@
     subscribe(() => ({ action: "subscribe", stream: stream }));
   }
 
-  window.PortalLive = { start: connect, subscribe, on, watchRun, watchRequest, watchRequests };
+  window.PortalLive = { start: connect, subscribe, on, watchRequestPage, watchRequests };
 })();
