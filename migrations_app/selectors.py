@@ -79,6 +79,11 @@ def run_events_after(run, seq: int, limit: int = 1000) -> list[RunEvent]:
     return list(RunEvent.objects.filter(run=run, seq__gt=seq).order_by("seq")[:limit])
 
 
+def recent_run_events(run, limit: int = 50) -> list[RunEvent]:
+    """The newest events of a run, oldest first (the page shows a window, the API has them all)."""
+    return list(reversed(RunEvent.objects.filter(run=run).order_by("-seq")[:limit]))
+
+
 def audit_entries(*, actor: str = "", vm: str = "", action: str = "", outcome: str = "", request_id: str = "",
                   since=None, until=None, text: str = "") -> QuerySet[AuditEntry]:
     qs = AuditEntry.objects.all()

@@ -162,6 +162,7 @@ def _detail_context(request, mr: MigrationRequest) -> dict:
     return {
         "mr": mr,
         "run": run,
+        "recent_events": selectors.recent_run_events(run) if run else [],
         "can_decide": access.can_decide(request.user, mr),
         "can_cancel": access.can_cancel(request.user, mr),
         "history": mr.audit.order_by("id"),

@@ -119,7 +119,8 @@ auth_unix_ro = "none"
 auth_unix_rw = "none"
 unix_sock_rw_perms = "0700"
 host_uuid = "${HOST_UUID[$host]}"
-log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+log_filters = "1:qemu.qemu_capabilities 3:*"
+log_outputs = "1:file:/var/log/libvirt/libvirtd.log"
 EOF
   cat >"$etc/qemu.conf" <<EOF
 # lab/kvm: $host. Root, no security driver, no virtlogd, no cgroups (two daemons would collide).

@@ -114,10 +114,13 @@
     if (list && !list.querySelector('[data-seq="' + ev.seq + '"]')) {
       const li = document.createElement("li");
       li.dataset.seq = ev.seq;
+      li.value = ev.seq;
       const t = new Date(ev.at);
       li.textContent = t.toISOString().substring(11, 19) + " " + (PHASES[ev.phase] || ev.phase) + " · " +
         Math.round(ev.percent) + "%" + (ev.message ? " · " + ev.message : "");
       list.appendChild(li);
+      while (list.children.length > 50) list.removeChild(list.firstChild);
+      list.scrollTop = list.scrollHeight;
     }
   }
 
