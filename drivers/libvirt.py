@@ -556,7 +556,8 @@ class LibvirtDriver(Driver):
                         _, pool_capacity, _, pool_free = pool.obj.info()
                         pool = _Pool(pool.name, pool.path, pool.ref, pool_capacity, pool_free, True, pool.obj)
                 entry = stores.setdefault(
-                    pool.ref, {"name": pool.name, "capacity": pool.capacity, "free": pool.free, "hosts": [], "ok": pool.active}
+                    pool.ref,
+                    {"name": pool.name, "capacity": pool.capacity, "free": pool.free, "hosts": [], "ok": pool.active},
                 )
                 entry["hosts"].append(name)
             networks.extend(self._networks(name, conn))
@@ -565,7 +566,13 @@ class LibvirtDriver(Driver):
                 for disk in vm.facts.disks:
                     ref = self._disk_ref(name, pools, disk.path)
                     if ref not in stores:
-                        stores[ref] = {"name": os.path.dirname(disk.path), "capacity": 0, "free": 0, "hosts": [name], "ok": False}
+                        stores[ref] = {
+                            "name": os.path.dirname(disk.path),
+                            "capacity": 0,
+                            "free": 0,
+                            "hosts": [name],
+                            "ok": False,
+                        }
                     disks.append(Disk(disk.dev, disk.dev, ref, self._disk_capacity(vm, disk), disk.path))
                 with _errors(f"cannot read VM {vm.name} on {name}", ConnectionFailed):
                     _, max_kib, _, vcpus, _ = vm.dom.info()
@@ -646,12 +653,18 @@ class LibvirtDriver(Driver):
         facts = plan.vm.facts
         try:
             # The machine type and virt type must exist on the target at all ...
-            target.getDomainCapabilities(facts.emulator or None, facts.arch or None, facts.machine or None, facts.virt_type or None, 0)
+            target.getDomainCapabilities(
+                facts.emulator or None, facts.arch or None, facts.machine or None, facts.virt_type or None, 0
+            )
             if facts.cpu_model:
                 # ... and the guest's CPU model must be runnable there,
                 result = target.compareHypervisorCPU(
-                    facts.emulator or None, facts.arch or None, facts.machine or None, facts.virt_type or None,
-                    lxml.guest_cpu_xml(facts.cpu_model), 0,
+                    facts.emulator or None,
+                    facts.arch or None,
+                    facts.machine or None,
+                    facts.virt_type or None,
+                    lxml.guest_cpu_xml(facts.cpu_model),
+                    0,
                 )
             else:
                 # ... or, for host-model guests, the source host's CPU.
@@ -703,7 +716,9 @@ class LibvirtDriver(Driver):
             if target.name == vm.host.name:
                 raise InvalidState(f"VM {vm.name} already runs on {target.name}")
             if target.cluster != vm.host.cluster:
-                raise InvalidState(f"{target.name} is in cluster {target.cluster}, not {vm.host.cluster} like {vm.host.name}")
+                raise InvalidState(
+                    f"{target.name} is in cluster {target.cluster}, not {vm.host.cluster} like {vm.host.name}"
+                )
             if not target.migration_uri:
                 raise InvalidState(f"host {target.name} has no migration_uri configured")
         source_pools = self._pools(vm.host.name)
@@ -721,7 +736,9 @@ class LibvirtDriver(Driver):
                     if ds_host is None:
                         raise InvalidState(f"datastore {spec.target_datastore_ref} is not mounted on {target.name}")
                     raise NotFound(f"datastore {spec.target_datastore_ref} does not exist")
-            elif source is not None and (pool := target_pools.get(source.name)) is not None and pool.path == source.path:
+            elif (
+                source is not None and (pool := target_pools.get(source.name)) is not None and pool.path == source.path
+            ):
                 pass  # same pool on the target: shared (no copy) or a host pool of the same path (copy)
             else:
                 raise InvalidState(f"{target.name} has no pool like {source_ref}; move the storage too")
@@ -729,7 +746,9 @@ class LibvirtDriver(Driver):
             # is copied, into the same path when the target pool has the source pool's path.
             stays = pool.ref == source_ref
             target_path = disk.path if stays else os.path.join(pool.path, os.path.basename(disk.path))
-            moves.append(_DiskMove(disk.dev, disk.format, capacity, disk.path, source_ref, target_path, pool.ref, pool.name))
+            moves.append(
+                _DiskMove(disk.dev, disk.format, capacity, disk.path, source_ref, target_path, pool.ref, pool.name)
+            )
         if spec.target_datastore_ref and not any(m.copy for m in moves):
             raise InvalidState(f"every disk of {vm.name} is already on {spec.target_datastore_ref}")
         self._check_room(vm.name, target.name, target_pools, [m for m in moves if m.copy])
@@ -752,7 +771,9 @@ class LibvirtDriver(Driver):
                 )
 
     # -- write side --------------------------------------------------------------------------
-    def migrate(self, spec: MigrationSpec, *, on_progress: ProgressCallback, cancel: threading.Event) -> MigrationResult:
+    def migrate(
+        self, spec: MigrationSpec, *, on_progress: ProgressCallback, cancel: threading.Event
+    ) -> MigrationResult:
         plan = self._plan(spec)
         started = time.monotonic()
         task_id = "/".join(
@@ -785,8 +806,14 @@ class LibvirtDriver(Driver):
         )
 
     # A live migration (compute or both) ------------------------------------------------------
-    def _live_migrate(self, plan: _Plan, tracker: jobs.ProgressTracker, on_progress: ProgressCallback,
-                      cancel: threading.Event, deadline: float) -> float | None:
+    def _live_migrate(
+        self,
+        plan: _Plan,
+        tracker: jobs.ProgressTracker,
+        on_progress: ProgressCallback,
+        cancel: threading.Event,
+        deadline: float,
+    ) -> float | None:
         spec, vm = plan.spec, plan.vm
         target = self.conn(plan.target.name)
         created = self._create_target_volumes(plan, target)
@@ -817,11 +844,16 @@ class LibvirtDriver(Driver):
                 vm.dom.migrateSetMaxDowntime(int(spec.max_downtime_ms), 0)
 
         watch = _JobWatch()
-        callbacks = self._register(vm.conn, vm.dom, watch, (
-            (libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, _on_iteration),
-            (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, _on_job_completed),
-            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, _on_lifecycle),
-        ))
+        callbacks = self._register(
+            vm.conn,
+            vm.dom,
+            watch,
+            (
+                (libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, _on_iteration),
+                (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, _on_job_completed),
+                (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, _on_lifecycle),
+            ),
+        )
         call = threading.Thread(
             target=self._migration_call,
             args=(vm.dom, plan.target.migration_uri, params, flags, watch),
@@ -862,8 +894,15 @@ class LibvirtDriver(Driver):
             watch.finished = True
             watch.note()
 
-    def _follow_migration(self, plan: _Plan, watch: _JobWatch, tracker: jobs.ProgressTracker,
-                          on_progress: ProgressCallback, cancel: threading.Event, deadline: float) -> str:
+    def _follow_migration(
+        self,
+        plan: _Plan,
+        watch: _JobWatch,
+        tracker: jobs.ProgressTracker,
+        on_progress: ProgressCallback,
+        cancel: threading.Event,
+        deadline: float,
+    ) -> str:
         """Report progress until the migration call returns; abort it on cancel or past the
         deadline. Returns why it was aborted ("cancel", "timeout") or ""."""
         dom = plan.vm.dom
@@ -886,7 +925,11 @@ class LibvirtDriver(Driver):
                 continue  # the job is ending; the call's outcome tells what happened
             if stats.get("type") not in _ACTIVE_JOB_TYPES:
                 continue
-            on_progress(tracker.migration(stats, time.monotonic(), copies_disks=bool(plan.copies), switching_over=watch.switching))
+            on_progress(
+                tracker.migration(
+                    stats, time.monotonic(), copies_disks=bool(plan.copies), switching_over=watch.switching
+                )
+            )
             iteration = max(watch.iteration, int(stats.get("memory_iteration", 0)))
             if self.post_copy and not postcopy_started and jobs.postcopy_due(iteration, self.post_copy_after):
                 with contextlib.suppress(libvirt.libvirtError):
@@ -904,11 +947,15 @@ class LibvirtDriver(Driver):
     def _job_error(self, plan: _Plan, err: libvirt.libvirtError | None, stop: str) -> DriverError:
         where = f"{plan.vm.name} stays on {plan.source.name}"
         if stop == "cancel":
-            return MigrationCancelled(f"migration of {plan.vm.name} cancelled; {where}",
-                                      hypervisor_message=err.get_error_message() if err else "")
+            return MigrationCancelled(
+                f"migration of {plan.vm.name} cancelled; {where}",
+                hypervisor_message=err.get_error_message() if err else "",
+            )
         if stop == "timeout":
-            return MigrationTimedOut(f"migration of {plan.vm.name} did not finish in time and was aborted; {where}",
-                                     hypervisor_message=err.get_error_message() if err else "")
+            return MigrationTimedOut(
+                f"migration of {plan.vm.name} did not finish in time and was aborted; {where}",
+                hypervisor_message=err.get_error_message() if err else "",
+            )
         if err is None:
             return MigrationFailed(f"migration of {plan.vm.name} ended without a result; {where}")
         return _translate(err, f"migration of {plan.vm.name} to {plan.target.name} failed; {where}", MigrationFailed)
@@ -925,11 +972,21 @@ class LibvirtDriver(Driver):
         return float(watch.completed["downtime"]) if "downtime" in watch.completed else None
 
     # A storage migration on one host ---------------------------------------------------------
-    def _block_copy(self, plan: _Plan, tracker: jobs.ProgressTracker, on_progress: ProgressCallback,
-                    cancel: threading.Event, deadline: float) -> float | None:
+    def _block_copy(
+        self,
+        plan: _Plan,
+        tracker: jobs.ProgressTracker,
+        on_progress: ProgressCallback,
+        cancel: threading.Event,
+        deadline: float,
+    ) -> float | None:
         vm, spec = plan.vm, plan.spec
         created = self._create_target_volumes(plan, vm.conn)
-        params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: int(spec.bandwidth_bytes_per_s)} if spec.bandwidth_bytes_per_s else {}
+        params = (
+            {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: int(spec.bandwidth_bytes_per_s)}
+            if spec.bandwidth_bytes_per_s
+            else {}
+        )
         flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
         watch = _JobWatch()
         callbacks = self._register(vm.conn, vm.dom, watch, ((libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, _on_block_job),))
@@ -937,7 +994,9 @@ class LibvirtDriver(Driver):
         try:
             for move in plan.copies:
                 with _errors(f"cannot start copying {vm.name}'s {move.dev} to {move.target_ds}", MigrationFailed):
-                    vm.dom.blockCopy(move.dev, lxml.block_copy_destination_xml(move.target_path, move.fmt), params, flags)
+                    vm.dom.blockCopy(
+                        move.dev, lxml.block_copy_destination_xml(move.target_path, move.fmt), params, flags
+                    )
                 running.append(move)
             stop = self._follow_block_copies(plan, running, watch, tracker, on_progress, cancel, deadline)
             if stop:
@@ -958,9 +1017,16 @@ class LibvirtDriver(Driver):
         finally:
             self._deregister(vm.conn, callbacks)
 
-    def _follow_block_copies(self, plan: _Plan, running: list[_DiskMove], watch: _JobWatch,
-                             tracker: jobs.ProgressTracker, on_progress: ProgressCallback,
-                             cancel: threading.Event, deadline: float) -> str:
+    def _follow_block_copies(
+        self,
+        plan: _Plan,
+        running: list[_DiskMove],
+        watch: _JobWatch,
+        tracker: jobs.ProgressTracker,
+        on_progress: ProgressCallback,
+        cancel: threading.Event,
+        deadline: float,
+    ) -> str:
         """Report progress until every copy is ready to pivot; "cancel"/"timeout" when told to stop."""
         dom = plan.vm.dom
         while True:
@@ -974,11 +1040,17 @@ class LibvirtDriver(Driver):
                     infos[move.dev] = dom.blockJobInfo(move.dev, 0)
             for move in running:
                 status = watch.block_status.get(move.dev, watch.block_status.get(move.source_path))
-                if status in (libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED, libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED) or not infos[move.dev]:
-                    raise MigrationFailed(f"the copy of {plan.vm.name}'s {move.dev} to {move.target_ds} stopped; it stays where it was")
+                if (
+                    status in (libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED, libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED)
+                    or not infos[move.dev]
+                ):
+                    raise MigrationFailed(
+                        f"the copy of {plan.vm.name}'s {move.dev} to {move.target_ds} stopped; it stays where it was"
+                    )
             on_progress(tracker.block_copy([(int(i["cur"]), int(i["end"])) for i in infos.values()], time.monotonic()))
             ready = [
-                watch.block_status.get(m.dev, watch.block_status.get(m.source_path)) == libvirt.VIR_DOMAIN_BLOCK_JOB_READY
+                watch.block_status.get(m.dev, watch.block_status.get(m.source_path))
+                == libvirt.VIR_DOMAIN_BLOCK_JOB_READY
                 for m in running
             ]
             if all(ready):
@@ -1055,5 +1127,3 @@ def _power_state(state: int) -> PowerState:
     if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
         return PowerState.ON
     return PowerState.OFF
-
-

@@ -105,7 +105,9 @@ class ProgressTracker:
         self._last = (now, done)
         return self._rate
 
-    def migration(self, stats: Mapping[str, int], now: float, *, copies_disks: bool, switching_over: bool = False) -> ProgressUpdate:
+    def migration(
+        self, stats: Mapping[str, int], now: float, *, copies_disks: bool, switching_over: bool = False
+    ) -> ProgressUpdate:
         """An update from one ``jobStats()`` sample of a live migration."""
         mem_total = int(stats.get("memory_total", 0)) or self.mem_total_hint
         disk_total = int(stats.get("disk_total", 0)) or (self.disk_total_hint if copies_disks else 0)
@@ -205,7 +207,9 @@ def bandwidth_mib_s(bytes_per_s: int | None) -> int | None:
     return max(1, math.ceil(bytes_per_s / MiB))
 
 
-def migration_flag_names(*, copies_disks: bool, shared_disks: bool, auto_converge: bool, post_copy: bool) -> tuple[str, ...]:
+def migration_flag_names(
+    *, copies_disks: bool, shared_disks: bool, auto_converge: bool, post_copy: bool
+) -> tuple[str, ...]:
     """Names of the VIR_MIGRATE_* flags for one live migration (the driver maps them to ints).
 
     Peer-to-peer, so the source daemon drives the move and survives our process dying; the

@@ -83,7 +83,9 @@ class LibvirtHarness(Harness):
             ref = f"pool/{name}" if name in self.shared_pools else f"{host}/pool/{name}"
             pools[pool_target_path(pool.XMLDesc(0))] = ref
         disks = parse_domain(dom.XMLDesc(0)).disks
-        return Placement(host, {d.dev: pools.get(os.path.dirname(d.path), f"{host}/dir{os.path.dirname(d.path)}") for d in disks})
+        return Placement(
+            host, {d.dev: pools.get(os.path.dirname(d.path), f"{host}/dir{os.path.dirname(d.path)}") for d in disks}
+        )
 
     def ticks(self, vm_ref: str) -> int:
         _, dom = self.domain(vm_ref)
@@ -132,7 +134,9 @@ def harness_factory():
     try:
         options = json.loads(lab_env()["LAB_KVM_DRIVER_OPTIONS"])
         ensure_event_loop()  # before any connection of this process opens
-        driver = LibvirtDriver(ConnectionConfig(kind="libvirt", is_lab=True, options={**options, "poll_interval_s": 0.1}))
+        driver = LibvirtDriver(
+            ConnectionConfig(kind="libvirt", is_lab=True, options={**options, "poll_interval_s": 0.1})
+        )
         harness = LibvirtHarness(driver, options)
         harness.lab_up_s = time.monotonic() - started
         yield harness
