@@ -92,7 +92,10 @@ ASGI_APPLICATION = "portal.asgi.application"
 
 # -- database: PostgreSQL through DATABASE_URL, SQLite (WAL, immediate transactions) otherwise --
 if os.environ.get("DATABASE_URL"):
-    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+    # Persistent connections do not suit ASGI (each request may run in another thread): off by default.
+    DATABASES = {
+        "default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=int(os.environ.get("DB_CONN_MAX_AGE", "0")))
+    }
 else:
     DATABASES = {
         "default": {

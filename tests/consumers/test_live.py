@@ -19,6 +19,21 @@ from tests.conftest import other_host_same_cluster, running_vm
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
 
+def db(fn):
+    """Run ORM code from the async test in a worker thread that closes its connection afterwards
+    (a connection left open would keep the test database from being dropped)."""
+
+    def call(*args, **kwargs):
+        from django.db import connection
+
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connection.close()
+
+    return sync_to_async(call, thread_sensitive=False)
+
+
 def session_cookie(user) -> str:
     client = Client()
     client.force_login(user)
@@ -30,7 +45,7 @@ async def connect(user=None, origin="http://localhost"):
     if origin:
         headers.append((b"origin", origin.encode()))
     if user is not None:
-        cookie = await sync_to_async(session_cookie)(user)
+        cookie = await db(session_cookie)(user)
         headers.append((b"cookie", f"sessionid={cookie}".encode()))
     comm = WebsocketCommunicator(application, "/ws/live/", headers=headers)
     connected, code = await comm.connect()
@@ -58,14 +73,14 @@ async def test_foreign_origin_is_refused(users):
 
 
 async def test_subscribing_to_someone_elses_run_is_refused(users, datacenter):
-    run = await sync_to_async(make_run)(users, datacenter)
+    run = await db(make_run)(users, datacenter)
     comm, connected, _ = await connect(users["mallory"])
     assert connected
     await comm.send_to(text_data=json.dumps({"action": "subscribe", "stream": "run", "id": run.pk, "after": 0}))
     reply = await comm.receive_json_from()
     assert reply["type"] == "error" and "may not watch" in reply["message"]
     # And nothing of that run reaches this socket afterwards.
-    await sync_to_async(migration_run_execute)(run_id=run.pk, worker="w")
+    await db(migration_run_execute)(run_id=run.pk, worker="w")
     assert await comm.receive_nothing(timeout=0.3)
     await comm.disconnect()
 
@@ -98,14 +113,14 @@ async def test_malformed_messages_get_a_clear_error_and_the_socket_stays_usable(
 
 
 async def test_progress_arrives_in_order_after_catching_up_from_stored_events(users, datacenter):
-    run = await sync_to_async(make_run)(users, datacenter)  # seq 1 (queued) is already stored
+    run = await db(make_run)(users, datacenter)  # seq 1 (queued) is already stored
     comm, connected, _ = await connect(users["alice"])
     await comm.send_json_to({"action": "subscribe", "stream": "run", "id": run.pk, "after": 0})
     assert (await comm.receive_json_from())["type"] == "subscribed"
     first = await comm.receive_json_from()
     assert (first["type"], first["seq"], first["status"]) == ("run.event", 1, "queued")
 
-    await sync_to_async(migration_run_execute)(run_id=run.pk, worker="w")
+    await db(migration_run_execute)(run_id=run.pk, worker="w")
     seqs, percents, last = [1], [first["percent"]], first
     while last["status"] not in ("succeeded", "failed", "errored"):
         last = await comm.receive_json_from(timeout=5)
@@ -133,7 +148,7 @@ async def test_the_requesters_list_hears_about_a_decision(users, datacenter):
     comm, _, _ = await connect(users["alice"])
     await comm.send_json_to({"action": "subscribe", "stream": "my-requests"})
     assert (await comm.receive_json_from())["type"] == "subscribed"
-    run = await sync_to_async(make_run)(users, datacenter)
+    run = await db(make_run)(users, datacenter)
     statuses = set()
     while "queued" not in statuses:
         msg = await comm.receive_json_from(timeout=5)

@@ -134,7 +134,15 @@ def test_cancel_while_running_aborts_and_the_vm_stays(datacenter, users):
     vm.save()
     source = vm.host
     run = approved_run(users["alice"], users["erin"], vm)
-    worker = threading.Thread(target=migration_run_execute, kwargs={"run_id": run.pk, "worker": "w1"})
+    def work():
+        from django.db import connection
+
+        try:
+            migration_run_execute(run_id=run.pk, worker="w1")
+        finally:
+            connection.close()  # as Celery does after each task
+
+    worker = threading.Thread(target=work)
     worker.start()
     deadline = time.monotonic() + 20
     while MigrationRun.objects.get(pk=run.pk).percent <= 0 and time.monotonic() < deadline:
