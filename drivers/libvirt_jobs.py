@@ -88,6 +88,7 @@ class ProgressTracker:
     phase: Phase = Phase.PRECHECK
     _last: tuple[float, int] | None = field(default=None, repr=False)
     _rate: float = field(default=0.0, repr=False)
+    _bytes: tuple[int, int] = field(default=(0, 0), repr=False)  # last (done, total) reported
 
     def _advance(self, phase: Phase, percent: float) -> tuple[Phase, float]:
         if PHASE_ORDER.index(phase) > PHASE_ORDER.index(self.phase):
@@ -119,6 +120,7 @@ class ProgressTracker:
         )
         total = disk_total + mem_total
         done = disk_done + mem_done
+        self._bytes = (done, total)
         rate = self._rate_from(now, done, float(stats.get("memory_bps", 0)) + float(stats.get("disk_bps", 0)))
         iteration = int(stats.get("memory_iteration", 0)) or None
         remaining = stats.get("memory_remaining")
@@ -140,6 +142,7 @@ class ProgressTracker:
         pairs = list(jobs)
         done = sum(min(c, e) for c, e in pairs)
         total = sum(e for _, e in pairs) or self.disk_total_hint
+        self._bytes = (done, total)
         phase, percent = self._advance(Phase.DISK_COPY, block_copy_percent(pairs))
         rate = self._rate_from(now, done, 0.0)
         return ProgressUpdate(
@@ -154,7 +157,8 @@ class ProgressTracker:
 
     def switchover(self, message: str = "switching over") -> ProgressUpdate:
         phase, percent = self._advance(Phase.SWITCHOVER, self.percent)
-        return ProgressUpdate(phase, percent, task_id=self.task_id, message=message)
+        done, total = self._bytes
+        return ProgressUpdate(phase, percent, bytes_done=done, bytes_total=total, task_id=self.task_id, message=message)
 
     def done(self, bytes_total: int, message: str = "done") -> ProgressUpdate:
         self.phase, self.percent = Phase.DONE, 100.0
