@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"path"
+	"strings"
 	"syscall"
 	"time"
 
@@ -69,6 +70,7 @@ func main() {
 	flag.IntVar(&m.Datastore, "ds", 1, "datastores (every host of a datacenter mounts them all)")
 	perHost := flag.Int("vm", 2, "VMs per host (disks spread over the datastores, powered on)")
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve on")
+	login := flag.String("login", "user:pass", "the only user:password accepted")
 	certFile := flag.String("cert", "", "write the server's TLS certificate (PEM) here")
 	flag.Parse()
 	m.Machine = 0 // the model puts VMs per cluster at random; we place them per host below
@@ -82,7 +84,9 @@ func main() {
 	}
 	simulator.Map.AddHandler(diskFollower{types.ManagedObjectReference{Type: "lab", Value: "disk-follower"}})
 
-	m.Service.Listen = &url.URL{Host: *listen, User: simulator.DefaultLogin}
+	// A login of our own: with simulator.DefaultLogin vcsim accepts any user name and password.
+	user, pass, _ := strings.Cut(*login, ":")
+	m.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(user, pass)}
 	cert, err := selfSigned(*certFile)
 	if err != nil {
 		log.Fatal(err)
