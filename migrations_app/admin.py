@@ -6,6 +6,7 @@ requests, runs and the audit log read-only.
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 
 from drivers.base import DriverError
@@ -24,6 +25,18 @@ from migrations_app.models import (
 from migrations_app.services.inventory import driver_for, inventory_sync
 
 
+class HypervisorConnectionForm(forms.ModelForm):
+    password = forms.CharField(
+        required=False, widget=forms.PasswordInput(render_value=False),
+        help_text="Encrypted at rest. Leave blank to keep the current password.",
+    )
+
+    class Meta:
+        model = HypervisorConnection
+        fields = ["name", "kind", "url", "username", "password", "verify_tls", "ca_bundle", "is_lab", "options",
+                  "enabled"]
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False
@@ -39,20 +52,13 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class HypervisorConnectionAdmin(admin.ModelAdmin):
     list_display = ("name", "kind", "url", "enabled", "last_sync_at", "last_sync_error")
     actions = ["test_connection", "sync_now"]
-    exclude = ("last_sync_at", "last_sync_error")
 
-    def get_form(self, request, obj=None, **kwargs):
-        form = super().get_form(request, obj, **kwargs)
-        from django import forms
-
-        # Never echo the stored password back into the page.
-        form.base_fields["password"].widget = forms.PasswordInput(render_value=False)
-        form.base_fields["password"].required = False
-        return form
+    form = HypervisorConnectionForm
 
     def save_model(self, request, obj, form, change):
-        if change and not form.cleaned_data.get("password"):
-            obj.password = HypervisorConnection.objects.get(pk=obj.pk).password  # blank = keep the old one
+        # A blank password field keeps the stored one; the stored one is never sent to the page.
+        if form.cleaned_data.get("password"):
+            obj.set_password(form.cleaned_data["password"])
         super().save_model(request, obj, form, change)
 
     @admin.action(description="Test the connection")

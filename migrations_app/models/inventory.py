@@ -20,7 +20,7 @@ class HypervisorConnection(models.Model):
     kind = models.CharField(max_length=20, choices=ConnectionKind.choices)
     url = models.CharField(max_length=500, blank=True)
     username = models.CharField(max_length=200, blank=True)
-    password = models.CharField(max_length=500, blank=True, help_text="Stored as given; see issue on encryption.")
+    password_encrypted = models.TextField(blank=True, editable=False, help_text="Fernet token; see secrets.py.")
     verify_tls = models.BooleanField(default=True)
     ca_bundle = models.TextField(blank=True, help_text="PEM certificates trusted for this endpoint.")
     is_lab = models.BooleanField(default=False, help_text="Lab endpoint: plain HTTP / unverified TLS allowed.")
@@ -34,6 +34,16 @@ class HypervisorConnection(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def set_password(self, plain: str) -> None:
+        from migrations_app.secrets import encrypt
+
+        self.password_encrypted = encrypt(plain)
+
+    def get_password(self) -> str:
+        from migrations_app.secrets import decrypt
+
+        return decrypt(self.password_encrypted)
 
 
 class Datacenter(models.Model):

@@ -55,3 +55,17 @@ def audit_denied(*, actor, action: AuditAction, reason: str, request: MigrationR
             actor=actor, action=action, request=request, outcome=AuditOutcome.DENIED, reason=reason, ip=ip,
             object_type=object_type, object_id=object_id,
         )
+
+
+def audit_session(*, action: AuditAction, user=None, username: str = "", ip: str | None = None) -> None:
+    """Record a login, a failed login (``user`` None, ``username`` as typed) or a logout."""
+    failed = action == AuditAction.USER_LOGIN_FAILED
+    with transaction.atomic():
+        entry = audit_record(
+            actor=user, action=action, object_type="session", ip=ip,
+            outcome=AuditOutcome.FAILURE if failed else AuditOutcome.SUCCESS,
+            data={"username": username[:150]} if failed else {},
+        )
+        if failed:
+            entry.actor_name = f"unknown:{username[:140]}"
+            entry.save(update_fields=["actor_name"])

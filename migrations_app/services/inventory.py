@@ -41,7 +41,7 @@ def connection_config(connection: HypervisorConnection) -> drv.ConnectionConfig:
         kind=connection.kind,
         url=connection.url,
         username=connection.username,
-        password=connection.password,
+        password=connection.get_password(),
         verify_tls=connection.verify_tls,
         ca_bundle=connection.ca_bundle,
         is_lab=connection.is_lab,

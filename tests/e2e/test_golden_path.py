@@ -43,6 +43,13 @@ def demo_world(live_portal, tmp_path, settings):
 
 def test_request_approve_watch_live_and_audit(login, live_portal, demo_world):
     vm = demo_world["vm"]
+    # bob keeps the approval queue open; it fills in live when alice submits.
+    bob = login("bob", "pw-bob")
+    bob.goto(live_portal["url"] + "/approvals/")
+    bob.wait_for_selector("#live-state.on")
+    bob.wait_for_selector("text=Nothing waits for you")
+    bob.evaluate("window.__notReloaded = true")
+
     alice = login("alice", "pw-alice")
     alice.click("text=Inventory")
     alice.fill("input[name=q]", vm.name)
@@ -56,10 +63,10 @@ def test_request_approve_watch_live_and_audit(login, live_portal, demo_world):
     alice.click("button:text('Submit request')")
     alice.wait_for_url(re.compile(r"/requests/\d+/$"))
     request_id = int(re.search(r"/requests/(\d+)/", alice.url).group(1))
+    bob.wait_for_selector(f"button:text('Approve #{request_id}')")
+    assert bob.evaluate("window.__notReloaded") is True
     assert alice.text_content("#request-status").strip() == "Pending approval"
 
-    bob = login("bob", "pw-bob")
-    bob.goto(live_portal["url"] + "/approvals/")
     bob.click(f"button:text('Approve #{request_id}')")
     bob.wait_for_selector(f"text=Request #{request_id}: done.")
 

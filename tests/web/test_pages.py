@@ -176,3 +176,21 @@ def test_api_self_approval_is_403(users, datacenter):
                                            "reason": "mine"}).json()["id"]
     response = api_post(bob, f"/api/requests/{rid}/approve/", {})
     assert response.status_code == 403 and "your own request" in response.json()["error"]
+
+
+def test_logins_failed_logins_and_logouts_are_audited(users):
+    client = Client()
+    client.post("/login/", {"username": "alice", "password": "wrong"})
+    client.post("/login/", {"username": "alice", "password": "pw-alice"})
+    client.post("/logout/")
+    rows = list(AuditEntry.objects.filter(object_type="session").order_by("id").values_list("action", "actor_name"))
+    assert rows == [("user.login_failed", "unknown:alice"), ("user.login", "alice"), ("user.logout", "alice")]
+
+
+def test_connection_passwords_are_encrypted_at_rest(db):
+    conn = HypervisorConnection(name="vc", kind="vcenter", url="https://vc.example/sdk", username="svc")
+    conn.set_password("canary-Secret-42")
+    conn.save()
+    stored = HypervisorConnection.objects.values_list("password_encrypted", flat=True).get(pk=conn.pk)
+    assert "canary-Secret-42" not in stored and stored.startswith("fernet:")
+    assert HypervisorConnection.objects.get(pk=conn.pk).get_password() == "canary-Secret-42"

@@ -1,0 +1,43 @@
+"""Encryption at rest for hypervisor credentials (Fernet: AES-128-CBC + HMAC-SHA256).
+
+The key is kept apart from SECRET_KEY: ``PORTAL_FIELD_KEY`` in the environment (a urlsafe base64
+Fernet key), else a key file ``<PORTAL_DATA_DIR>/field.key`` created on first use with mode 0600.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from cryptography.fernet import Fernet, InvalidToken
+from django.conf import settings
+
+PREFIX = "fernet:"
+
+
+@lru_cache(maxsize=1)
+def _fernet() -> Fernet:
+    key = os.environ.get("PORTAL_FIELD_KEY", "").encode()
+    if not key:
+        path = settings.DATA_DIR / "field.key"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(Fernet.generate_key())
+        key = path.read_bytes().strip()
+    return Fernet(key)
+
+
+def encrypt(plain: str) -> str:
+    return "" if not plain else PREFIX + _fernet().encrypt(plain.encode()).decode()
+
+
+def decrypt(stored: str) -> str:
+    if not stored:
+        return ""
+    if not stored.startswith(PREFIX):
+        raise ValueError("the stored secret is not encrypted with the portal's field key")
+    try:
+        return _fernet().decrypt(stored[len(PREFIX):].encode()).decode()
+    except InvalidToken:
+        raise ValueError("the stored secret cannot be decrypted with the current field key") from None
