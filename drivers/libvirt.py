@@ -57,8 +57,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-
-import libvirt
+from typing import Any
 
 from drivers import libvirt_jobs as jobs
 from drivers import libvirt_xml as lxml
@@ -91,6 +90,7 @@ from drivers.base import (
     ProgressUpdate,
     TaskInfo,
     TaskState,
+    Unsupported,
     VirtualMachine,
 )
 
@@ -98,7 +98,26 @@ log = logging.getLogger(__name__)
 
 VM_PREFIX = "uuid:"
 SHARED_PREFIX = "pool/"
-_ACTIVE_JOB_TYPES = (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
+_ACTIVE_JOB_TYPES = (jobs.JOB_BOUNDED, jobs.JOB_UNBOUNDED)
+
+# The SDK, bound by load_sdk() when the first driver is made: the registry and the test suite
+# read this module's capabilities on machines where libvirt-python is not installed (yet).
+libvirt: Any = None
+
+
+def load_sdk() -> Any:
+    """Import libvirt-python (once) and return it. Raises Unsupported when it is missing."""
+    global libvirt
+    if libvirt is None:
+        try:
+            import libvirt as sdk
+        except ImportError as err:
+            raise Unsupported(
+                "libvirt-python is not installed; run lab/kvm/lab.sh install or pip install -r requirements-lab.txt",
+                hypervisor_message=str(err),
+            ) from err
+        libvirt = sdk
+    return libvirt
 
 # --------------------------------------------------------------------------------------------
 # Process-wide event loop
@@ -126,6 +145,7 @@ def ensure_event_loop() -> None:
     events and cannot use keep-alive.
     """
     global _loop_started
+    load_sdk()
     with _loop_lock:
         if _loop_started:
             return

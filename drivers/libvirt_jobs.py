@@ -262,6 +262,9 @@ ERR_CPU_INCOMPATIBLE = 91
 ERR_AUTH_UNAVAILABLE = 94
 FROM_RPC = 7
 FROM_REMOTE = 13
+# virDomainJobType values of a job still running.
+JOB_BOUNDED = 1
+JOB_UNBOUNDED = 2
 
 _BY_CODE: dict[int, type[DriverError]] = {
     ERR_OPERATION_ABORTED: MigrationCancelled,

@@ -14,11 +14,10 @@ import os
 import subprocess
 import time
 from pathlib import Path
-
-import libvirt
+from typing import Any
 
 from drivers.base import ConnectionConfig, MigrationSpec, Placement
-from drivers.libvirt import LibvirtDriver, ensure_event_loop
+from drivers.libvirt import LibvirtDriver, ensure_event_loop, load_sdk
 from drivers.libvirt_xml import parse_domain, pool_target_path
 from tests.drivers.harness import Harness
 
@@ -27,6 +26,10 @@ LAB = REPO / "lab" / "kvm" / "lab.sh"
 TICK_ADDR = 0x10000  # lab/kvm/guest.asm
 NEVER_CONVERGE = "lab:never-converge"
 SLOW_BANDWIDTH = 4 * 1024**2  # bytes/s: 64 MiB of guest RAM takes ~16 s, plenty of time to cancel
+
+# libvirt-python, bound once the factory has installed it (this module is imported at collection,
+# before the lab's install step ran on a fresh machine).
+libvirt: Any = None
 
 
 def lab(command: str) -> str:
@@ -127,7 +130,9 @@ class LibvirtHarness(Harness):
 
 
 def harness_factory():
+    global libvirt
     lab("install")
+    libvirt = load_sdk()
     lab("down")  # a known start: the four guests on hosta, nothing moved
     started = time.monotonic()
     lab("up")

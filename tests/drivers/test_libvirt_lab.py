@@ -236,3 +236,37 @@ def test_the_copied_libvirt_constants_match_the_sdk(lab):
         copies_disks=True, shared_disks=True, auto_converge=True, post_copy=True
     ):
         assert hasattr(libvirt, f"VIR_MIGRATE_{flag}"), flag
+
+
+def test_post_copy_moves_a_guest_that_never_converges(lab, caplog):
+    from drivers.base import ConnectionConfig
+    from drivers.libvirt import LibvirtDriver
+
+    config = lab.driver.config
+    driver = LibvirtDriver(
+        ConnectionConfig(
+            kind="libvirt", is_lab=True, options={**config.options, "post_copy": True, "post_copy_after_iterations": 1}
+        )
+    )
+    vm = next(v for v in driver.inventory().vms if "lab:never-converge" in v.tags)
+    before = lab.independent_placement(vm.ref)
+    target = lab.other_host(before.host_ref)
+    ticks = lab.ticks(vm.ref)
+    updates: list[ProgressUpdate] = []
+    caplog.set_level("INFO", logger="drivers.libvirt")
+    try:
+        spec = MigrationSpec(vm.ref, target_host_ref=target, bandwidth_bytes_per_s=32 * 1024**2, timeout_s=60)
+        result = driver.migrate(spec, on_progress=updates.append, cancel=threading.Event())
+    finally:
+        driver.close()
+    assert result.placement.host_ref == target == lab.independent_placement(vm.ref).host_ref
+    assert "switched to post-copy" in caplog.text, "it converged by itself: the case proves nothing"
+    assert_progress_well_formed(updates)
+    assert lab.ticks(vm.ref) > ticks and lab.guest_alive(vm.ref)
+
+
+def test_a_dead_connection_is_reopened(lab):
+    conn = lab.driver.conn("hosta")
+    conn.close()  # the handle the driver holds is now dead, as after a daemon restart
+    assert lab.driver.inventory().vms
+    assert lab.driver.conn("hosta") is not conn
