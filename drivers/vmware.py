@@ -459,7 +459,10 @@ class VCenterDriver(Driver):
         self.task_wait_s = max(1, int(opts.get("task_wait_s", 1)))
         self.abort_grace_s = float(opts.get("abort_grace_s", 120))
         self.http_timeout_s = float(opts.get("http_timeout_s", 60))
-        self.api_version = str(opts.get("api_version", DEFAULT_API_VERSION))
+        api_version = str(opts.get("api_version", DEFAULT_API_VERSION))
+        if api_version not in VmomiSupport.versionMap:
+            raise ConnectionFailed(f"pyvmomi does not know vSphere API version {api_version!r}", code="bad-config")
+        self.api_version = VmomiSupport.versionMap[api_version]
         self._lock = threading.Lock()
         self._stub: _CountingStub | None = None
         self._session: _Session | None = None
@@ -484,7 +487,7 @@ class VCenterDriver(Driver):
                     host=self.endpoint.host,
                     port=self.endpoint.port if self.endpoint.scheme == "https" else -self.endpoint.port,
                     path=self.endpoint.path,
-                    version=VmomiSupport.versionMap[self.api_version],
+                    version=self.api_version,
                     sslContext=ssl_context(self.config) if self.endpoint.scheme == "https" else None,
                     httpConnectionTimeout=self.http_timeout_s,
                 )
