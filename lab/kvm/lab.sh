@@ -47,6 +47,9 @@ DISK_MB=64        # virtual size of each guest disk
 DISK_DATA_MB=24   # of which this much holds non-zero data, so disk copies move real bytes
 TICK_ADDR=0x10000 # where guest.asm counts PIT ticks (keep in sync with guest.asm)
 
+# Per-host folder -> the path libvirtd hard-codes (bind-mounted inside the host's namespace).
+MOUNTS=(etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt log:/var/log/libvirt cache:/var/cache/libvirt)
+
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
           libvirt-dev pkg-config nasm iproute2 gcc)
 
@@ -99,8 +102,7 @@ alive() { # pidfile: the process runs (a zombie nobody reaped yet counts as gone
 cmd_host_daemon() {
   local host=$1 d
   hostname "$host"
-  for d in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt log:/var/log/libvirt cache:/var/cache/libvirt; do
-    mkdir -p "${d#*:}"
+  for d in "${MOUNTS[@]}"; do
     if [ "${d%%:*}" = cache ]; then mount --bind "$CACHE" "${d#*:}"; else mount --bind "$LAB/$host/${d%%:*}" "${d#*:}"; fi
   done
   echo $$ >"$LAB/$host/libvirtd.pid"   # exec keeps this pid: it is libvirtd's
@@ -252,6 +254,10 @@ cmd_up() {
   trap 'log "up failed; tearing down"; cmd_down' EXIT
 
   mkdir -p "$CACHE" "$LAB/shared"
+  # Mount points missing on this machine are made here and listed, so down removes them again.
+  for d in "${MOUNTS[@]}"; do
+    [ -d "${d#*:}" ] || { mkdir -p "${d#*:}" && echo "${d#*:}" >>"$LAB/made-mountpoints"; }
+  done
   for host in "${HOSTS[@]}"; do
     mkdir -p "$LAB/$host"/{etc,run,lib,log}
     write_configs "$host"
@@ -304,6 +310,9 @@ cmd_down() {
     if alive "$f"; then kill -KILL "$(cat "$f")"; sleep 0.2; fi
     ip netns del "$(ns "$host")" 2>/dev/null || true
   done
+  if [ -s "$LAB/made-mountpoints" ]; then
+    while read -r f; do rmdir --ignore-fail-on-non-empty "$f"; done <"$LAB/made-mountpoints"
+  fi
   rm -rf "$LAB"
   log "down in $(since "$t0") s"
 }
