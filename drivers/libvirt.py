@@ -119,6 +119,7 @@ def load_sdk() -> Any:
         libvirt = sdk
     return libvirt
 
+
 # --------------------------------------------------------------------------------------------
 # Process-wide event loop
 # --------------------------------------------------------------------------------------------
@@ -836,7 +837,6 @@ class LibvirtDriver(Driver):
     ) -> float | None:
         spec, vm = plan.spec, plan.vm
         target = self.conn(plan.target.name)
-        created = self._create_target_volumes(plan, target)
         copies = plan.copies
         names = jobs.migration_flag_names(
             copies_disks=bool(copies),
@@ -863,6 +863,7 @@ class LibvirtDriver(Driver):
             with _errors(f"cannot set the maximum downtime of {vm.name}", MigrationFailed):
                 vm.dom.migrateSetMaxDowntime(int(spec.max_downtime_ms), 0)
 
+        created = self._create_target_volumes(plan, target)
         watch = _JobWatch()
         callbacks = self._register(
             vm.conn,
@@ -988,6 +989,7 @@ class LibvirtDriver(Driver):
             if "downtime" in stats:
                 return float(stats["downtime"])
         if "downtime" not in watch.completed:
+            watch.wake.clear()
             watch.wake.wait(1.0)
         return float(watch.completed["downtime"]) if "downtime" in watch.completed else None
 
@@ -1029,7 +1031,8 @@ class LibvirtDriver(Driver):
                 with _errors(f"cannot switch {vm.name}'s {move.dev} to {move.target_ds}", MigrationFailed):
                     vm.dom.blockJobAbort(move.dev, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
                 running.remove(move)
-            return round(1000.0 * (time.monotonic() - started), 1)  # the pivot is the only pause
+                created.remove(move.target_path)  # in use now: never clean this one up
+            return round(1000.0 * (time.monotonic() - started), 1)  # the pivot is the only I/O pause
         except BaseException:
             self._cancel_block_copies(vm.dom, running)
             self._delete_volumes(vm.conn, created)
@@ -1049,6 +1052,7 @@ class LibvirtDriver(Driver):
     ) -> str:
         """Report progress until every copy is ready to pivot; "cancel"/"timeout" when told to stop."""
         dom = plan.vm.dom
+        complete: dict[str, bool] = {}
         while True:
             if cancel.is_set():
                 return "cancel"
@@ -1068,13 +1072,17 @@ class LibvirtDriver(Driver):
                         f"the copy of {plan.vm.name}'s {move.dev} to {move.target_ds} stopped; it stays where it was"
                     )
             on_progress(tracker.block_copy([(int(i["cur"]), int(i["end"])) for i in infos.values()], time.monotonic()))
+            # Ready = the BLOCK_JOB_2 READY event; a copy seen complete on two samples in a row
+            # counts too, in case the event was lost (a reconnect drops registrations).
             ready = [
                 watch.block_status.get(m.dev, watch.block_status.get(m.source_path))
                 == libvirt.VIR_DOMAIN_BLOCK_JOB_READY
+                or (complete.get(m.dev, False) and 0 < int(infos[m.dev]["end"]) == int(infos[m.dev]["cur"]))
                 for m in running
             ]
             if all(ready):
                 return ""
+            complete = {dev: 0 < int(i["end"]) == int(i["cur"]) for dev, i in infos.items()}
             watch.wake.wait(self.poll_interval)
             watch.wake.clear()
 
@@ -1093,12 +1101,16 @@ class LibvirtDriver(Driver):
         creates a missing one only at the same path). Returns every target path this move may
         leave behind on failure, created here or by libvirt, for clean-up."""
         created = [move.target_path for move in plan.copies]  # _check_room saw none of them exist
-        for move in plan.copies:
-            if move.target_path == move.source_path:
-                continue
-            with _errors(f"cannot create {move.target_path} on {plan.target.name}", MigrationFailed):
-                pool = conn.storagePoolLookupByName(move.target_pool)
-                pool.createXML(lxml.volume_xml(os.path.basename(move.target_path), move.capacity, move.fmt), 0)
+        try:
+            for move in plan.copies:
+                if move.target_path == move.source_path:
+                    continue
+                with _errors(f"cannot create {move.target_path} on {plan.target.name}", MigrationFailed):
+                    pool = conn.storagePoolLookupByName(move.target_pool)
+                    pool.createXML(lxml.volume_xml(os.path.basename(move.target_path), move.capacity, move.fmt), 0)
+        except DriverError:
+            self._delete_volumes(conn, created)
+            raise
         return created
 
     @staticmethod
