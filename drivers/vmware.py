@@ -242,7 +242,7 @@ class VmFacts:
     pool_ref: str
     cluster_ref: str  # owner of the VM's resource pool = the cluster of its host
     disks: tuple[Disk, ...]  # read only for moves with a target datastore (the costly property)
-    datastore_hosts: Mapping[str, tuple[str, ...]]  # the VM's datastores -> hosts mounting them
+    datastore_refs: tuple[str, ...]  # every datastore holding a file of the VM
 
 
 @dataclass(frozen=True)
@@ -253,6 +253,7 @@ class HostFacts:
     cluster_pool_ref: str  # root resource pool of the host's cluster
     connected: bool
     maintenance: bool
+    datastore_refs: tuple[str, ...]  # datastores available on the host
 
 
 @dataclass(frozen=True)
@@ -323,8 +324,8 @@ def assess_move(facts: MoveFacts, spec: MigrationSpec) -> tuple[MoveCheck, ...]:
                 InsufficientResources,
             ),
         ]
-    else:
-        unseen = sorted(ref for ref, hosts in vm.datastore_hosts.items() if final_host not in hosts)
+    elif host is not None:
+        unseen = sorted(ref for ref in vm.datastore_refs if ref not in host.datastore_refs)
         checks.append(
             MoveCheck(
                 "host-sees-vm-datastores",
@@ -630,8 +631,8 @@ class VCenterDriver(Driver):
 
     # -- judging a move ---------------------------------------------------------------------
     def _move_facts(self, session: _Session, spec: MigrationSpec) -> MoveFacts:
-        """Everything the rules need, in one RetrievePropertiesEx: the VM (and through it its
-        pool's cluster and its datastores), the target host (and its cluster), the target datastore.
+        """Everything the rules need, in one RetrievePropertiesEx: the VM (and through its pool,
+        its cluster), the target host (and its cluster), the target datastore.
         The VM's device list, by far the largest property, is read only when disks move."""
         stub = self._stub
         vm_spec = PC.ObjectSpec(
@@ -643,7 +644,6 @@ class VCenterDriver(Driver):
                     skip=False,
                     selectSet=[PC.TraversalSpec(type=vim.ResourcePool, path="owner", skip=False)],
                 ),
-                PC.TraversalSpec(type=vim.VirtualMachine, path="datastore", skip=False),
             ],
         )
         object_specs = [vm_spec]
@@ -664,7 +664,8 @@ class VCenterDriver(Driver):
             PC.PropertySpec(type=vim.ResourcePool, pathSet=["owner"]),
             PC.PropertySpec(type=vim.ComputeResource, pathSet=["resourcePool"]),
             PC.PropertySpec(
-                type=vim.HostSystem, pathSet=["name", "parent", "runtime.connectionState", "runtime.inMaintenanceMode"]
+                type=vim.HostSystem,
+                pathSet=["name", "parent", "runtime.connectionState", "runtime.inMaintenanceMode", "datastore"],
             ),
             PC.PropertySpec(type=vim.Datastore, pathSet=["name", "summary.freeSpace", "summary.accessible", "host"]),
         ]
@@ -684,9 +685,7 @@ class VCenterDriver(Driver):
             pool_ref=pool_ref,
             cluster_ref=owner._moId if owner is not None else "",
             disks=disks,
-            datastore_hosts={
-                ds._moId: _mounted_hosts(by_ref.get(ds._moId, {}).get("host")) for ds in vm.get("datastore") or ()
-            },
+            datastore_refs=tuple(ds._moId for ds in vm.get("datastore") or ()),
         )
         host_facts = None
         if spec.target_host_ref:
@@ -700,6 +699,7 @@ class VCenterDriver(Driver):
                 cluster_pool_ref=cluster_pool._moId if cluster_pool is not None else "",
                 connected=host.get("runtime.connectionState") == "connected",
                 maintenance=bool(host.get("runtime.inMaintenanceMode")),
+                datastore_refs=tuple(ds._moId for ds in host.get("datastore") or ()),
             )
         ds_facts = None
         if spec.target_datastore_ref:

@@ -188,14 +188,14 @@ def test_fault_text_falls_back_to_fault_messages_then_the_fault_name():
 GiB = 1024**3
 
 
-def facts(*, power="poweredOn", host=None, datastore=None, disks_on="ds-1", seen_by=("host-1", "host-2")) -> MoveFacts:
+def facts(*, power="poweredOn", host=None, datastore=None, disks_on="ds-1") -> MoveFacts:
     disks = (Disk("2000", "Hard disk 1", disks_on, 40 * GiB), Disk("2001", "Hard disk 2", disks_on, 20 * GiB))
-    vm = VmFacts("vm-1", "web-01", power, "host-1", "resgroup-1", "domain-c1", disks, {disks_on: tuple(seen_by)})
+    vm = VmFacts("vm-1", "web-01", power, "host-1", "resgroup-1", "domain-c1", disks, (disks_on,))
     return MoveFacts(vm, host, datastore)
 
 
-def host(ref="host-2", cluster="domain-c1", connected=True, maintenance=False) -> HostFacts:
-    return HostFacts(ref, f"esx-{ref}", cluster, "resgroup-9", connected, maintenance)
+def host(ref="host-2", cluster="domain-c1", connected=True, maintenance=False, sees=("ds-1", "ds-2")) -> HostFacts:
+    return HostFacts(ref, f"esx-{ref}", cluster, "resgroup-9", connected, maintenance, tuple(sees))
 
 
 def store(ref="ds-2", free=100 * GiB, hosts=("host-1", "host-2")) -> DatastoreFacts:
@@ -244,7 +244,7 @@ def test_a_valid_compute_move_passes_every_check():
             InvalidState,
         ),
         (
-            facts(host=host(), seen_by=("host-1",)),
+            facts(host=host(sees=("ds-2",))),
             MigrationSpec("vm-1", target_host_ref="host-2"),
             "host-sees-vm-datastores",
             InvalidState,
