@@ -162,6 +162,18 @@ def _default_state(opts: dict) -> dict:
     }
 
 
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SimulatorDriver(Driver):
     """The demo driver: a simulated datacenter in this process (or shared through a state file)."""
 
@@ -287,6 +299,8 @@ class SimulatorDriver(Driver):
             task = s["tasks"].get(task_id)
         if task is None:
             return TaskInfo(task_id, TaskState.UNKNOWN, "no such task")
+        if task["state"] == TaskState.RUNNING.value and not _process_alive(task.get("pid")):
+            return TaskInfo(task_id, TaskState.FAILED, "the process running this migration died before it completed")
         return TaskInfo(task_id, TaskState(task["state"]), task.get("message", ""))
 
     # -- fault injection and admin operations used by tests and the demo ---------------------
@@ -343,7 +357,9 @@ class SimulatorDriver(Driver):
     def _new_task(self, s: dict) -> str:
         s["task_counter"] = int(s.get("task_counter", 0)) + 1
         task_id = f"sim-task-{s['task_counter']}"
-        s["tasks"][task_id] = {"state": TaskState.RUNNING.value}
+        # The simulated hypervisor job lives in this process: record which one, so that a lookup
+        # after this process died reports the truth (the move never completed).
+        s["tasks"][task_id] = {"state": TaskState.RUNNING.value, "pid": os.getpid()}
         return task_id
 
     def _finish_task(self, task_id: str, state: TaskState, message: str = "") -> None:

@@ -118,6 +118,7 @@ class AuditAction(models.TextChoices):
     RUN_FAILED = "run.failed", "Run failed"
     RUN_ERRORED = "run.errored", "Run errored"
     RUN_CANCELLED = "run.cancelled", "Run cancelled"
+    RUN_RECONCILED = "run.reconciled", "Run reconciled after a lost worker"
     INVENTORY_SYNCED = "inventory.synced", "Inventory synced"
     INVENTORY_SYNC_FAILED = "inventory.sync_failed", "Inventory sync failed"
     ACCESS_DENIED = "access.denied", "Access denied"

@@ -17,6 +17,7 @@ from drivers import base as drv
 from drivers import registry
 from migrations_app.models import HypervisorConnection
 from migrations_app.services import inventory as inventory_services
+from migrations_app.services import recovery as recovery_services
 from migrations_app.services import requests as request_services
 from migrations_app.services import runs as run_services
 
@@ -36,6 +37,11 @@ def execute_run(run_id: int) -> None:
 def dispatch_due() -> None:
     run_services.migration_request_start_due()
     run_services.migration_run_redispatch_stale()
+
+
+@shared_task(name="migrations_app.tasks.reconcile_stale", ignore_result=True)
+def reconcile_stale() -> None:
+    recovery_services.migration_run_reconcile_stale()
 
 
 @shared_task(name="migrations_app.tasks.expire_stale", ignore_result=True)

@@ -135,6 +135,7 @@ CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "portal")
 CELERY_BEAT_SCHEDULE = {
     "dispatch-due-requests": {"task": "migrations_app.tasks.dispatch_due", "schedule": 15.0},
     "expire-stale-requests": {"task": "migrations_app.tasks.expire_stale", "schedule": 60.0},
+    "reconcile-stale-runs": {"task": "migrations_app.tasks.reconcile_stale", "schedule": 20.0},
     "sync-inventory": {"task": "migrations_app.tasks.sync_all_inventories", "schedule": 300.0},
 }
 
@@ -144,6 +145,8 @@ PORTAL = {
     "SIMULATOR_STATE_DIR": str(DATA_DIR / "simulator"),
     # Seconds between heartbeats of a running migration.
     "HEARTBEAT_S": float(os.environ.get("PORTAL_HEARTBEAT_S", "2")),
+    # A running migration whose heartbeat is older than this is reconciled with the hypervisor.
+    "STALE_AFTER_S": float(os.environ.get("PORTAL_STALE_AFTER_S", "60")),
     # Minimum seconds between two stored progress events of one run (phase changes always stored).
     "PROGRESS_INTERVAL_S": float(os.environ.get("PORTAL_PROGRESS_INTERVAL_S", "0.25")),
     # Completion budget per GiB of memory + copied disk (Nova's live_migration_completion_timeout).

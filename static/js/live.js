@@ -6,6 +6,7 @@
   const handlers = [];
   let socket = null;
   let backoff = 500;
+  let opened = false;
 
   function setState(text, cls) {
     const el = document.getElementById("live-state");
@@ -23,6 +24,9 @@
       backoff = 500;
       setState("● live", "on");
       subscriptions.forEach((make) => send(make()));
+      // Notifications sent while the socket was down are lost: pages re-read what they show.
+      if (opened) document.body.dispatchEvent(new Event("portal:reconnected"));
+      opened = true;
     });
     socket.addEventListener("message", (e) => {
       let msg;
@@ -61,13 +65,17 @@
   function watchRequestPage(requestId) {
     let runId = null;
     let lastSeq = 0;
+    let lastEvent = null;
     let lastStatus = (document.getElementById("request-status") || {}).dataset?.status;
     const refresh = () => document.body.dispatchEvent(new Event("portal:request-status"));
 
     function attachRun() {
       const box = document.getElementById("run-progress");
       if (!box) return;
-      lastSeq = Math.max(lastSeq, parseInt(box.dataset.seq || "0", 10));
+      const rendered = parseInt(box.dataset.seq || "0", 10);
+      // A re-rendered panel can be older than the events already applied: apply the newest again.
+      if (lastEvent && lastEvent.seq > rendered) apply(lastEvent);
+      lastSeq = Math.max(lastSeq, rendered);
       box.dataset.seq = String(lastSeq);
       if (runId === null) {
         runId = parseInt(box.dataset.runId, 10);
@@ -82,6 +90,7 @@
       }
       if (msg.type === "run.event" && msg.id === runId && msg.seq > lastSeq) {
         lastSeq = msg.seq;
+        lastEvent = msg;
         apply(msg);
         if (msg.status !== lastStatus) { lastStatus = msg.status; refresh(); }
       }

@@ -77,7 +77,7 @@ def live_portal(transactional_db, tmp_path):
             if procs["worker"].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start:\n{logs['worker'].read_text()[-3000:]}")
             time.sleep(0.1)
-        yield {"url": f"http://127.0.0.1:{port}", "logs": logs}
+        yield {"url": f"http://127.0.0.1:{port}", "logs": logs, "procs": procs}
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -117,3 +117,23 @@ def login(browser, live_portal):
         return page
 
     return _login
+
+
+@pytest.fixture
+def api(login, live_portal):
+    """Call the portal's JSON API as a logged-in user (session cookie + CSRF token)."""
+
+    def _api(username: str, password: str):
+        page = login(username, password)
+        token = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
+
+        def post(path: str, payload: dict):
+            response = page.request.post(live_portal["url"] + path, data=payload,
+                                         headers={"X-CSRFToken": token, "Referer": live_portal["url"] + "/"})
+            assert response.ok, (path, response.status, response.text())
+            return response.json()
+
+        return post
+
+    return _api
+
