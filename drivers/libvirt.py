@@ -16,7 +16,8 @@ Options (``ConnectionConfig.options``)::
         ...
       ],
       "shared_pools": ["shared"],        # pool names that are one shared directory on every host
-                                         # defining them (libvirt cannot tell a directory is shared)
+                                         # defining them (libvirt cannot tell a directory is shared);
+                                         # a path that differs between hosts marks it not accessible
       "datacenter": "libvirt",           # name of the one datacenter shown
       "keepalive_interval_s": 5, "keepalive_count": 3,   # dead connections are noticed and reopened
       "poll_interval_s": 0.25,           # jobStats / blockJobInfo sampling while a job runs
@@ -578,8 +579,21 @@ class LibvirtDriver(Driver):
                         pool = _Pool(pool.name, pool.path, pool.ref, pool_capacity, pool_free, True, pool.obj)
                 entry = stores.setdefault(
                     pool.ref,
-                    {"name": pool.name, "capacity": pool.capacity, "free": pool.free, "hosts": [], "ok": pool.active},
+                    {
+                        "name": pool.name,
+                        "path": pool.path,
+                        "capacity": pool.capacity,
+                        "free": pool.free,
+                        "hosts": [],
+                        "ok": pool.active,
+                    },
                 )
+                if entry["path"] != pool.path:
+                    # Not one shared directory after all: shown, but not offered as a target.
+                    log.warning(
+                        "shared pool %s has path %s on %s but %s elsewhere", pool.name, pool.path, name, entry["path"]
+                    )
+                    entry["ok"] = False
                 entry["hosts"].append(name)
             networks.extend(self._networks(name, conn))
             for vm in located:
@@ -589,6 +603,7 @@ class LibvirtDriver(Driver):
                     if ref not in stores:
                         stores[ref] = {
                             "name": os.path.dirname(disk.path),
+                            "path": os.path.dirname(disk.path),
                             "capacity": 0,
                             "free": 0,
                             "hosts": [name],
