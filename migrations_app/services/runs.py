@@ -37,13 +37,14 @@ GiB = 1024**3
 # -- events -----------------------------------------------------------------------------------
 
 
-def append_run_event(run: MigrationRun, *, status: str, message: str = "", **fields) -> RunEvent:
+def append_run_event(run: MigrationRun, *, status: str, message: str = "", run_fields: dict | None = None,
+                     **fields) -> RunEvent:
     """Store the next numbered event of a run (call inside a transaction) and push it on commit.
 
     The sequence number comes from an UPDATE on the run row, so two writers (worker and a cancel
-    from the web) never take the same number.
+    from the web) never take the same number; ``run_fields`` are written by that same UPDATE.
     """
-    MigrationRun.objects.filter(pk=run.pk).update(last_seq=F("last_seq") + 1)
+    MigrationRun.objects.filter(pk=run.pk).update(last_seq=F("last_seq") + 1, **(run_fields or {}))
     seq = MigrationRun.objects.filter(pk=run.pk).values_list("last_seq", flat=True).get()
     run.last_seq = seq
     event = RunEvent.objects.create(
@@ -231,7 +232,8 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
             recorder.offer(item)
         if time.monotonic() >= next_beat:
             recorder.flush()
-            if _heartbeat(run) and not cancel.is_set():
+            recorder.status = _heartbeat(run)
+            if recorder.status == S.CANCELLING and not cancel.is_set():
                 log.info("run %s: cancel requested, aborting", run.pk)
                 cancel.set()
             next_beat = time.monotonic() + heartbeat_s
@@ -240,10 +242,10 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
     return outcome
 
 
-def _heartbeat(run: MigrationRun) -> bool:
-    """Prove the worker is alive; returns True when someone asked to cancel."""
+def _heartbeat(run: MigrationRun) -> str:
+    """Prove the worker is alive; returns the request's status (``cancelling`` when asked to stop)."""
     MigrationRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
-    return MigrationRequest.objects.filter(pk=run.request_id, status=S.CANCELLING).exists()
+    return MigrationRequest.objects.filter(pk=run.request_id).values_list("status", flat=True).get()
 
 
 class _ProgressRecorder:
@@ -255,6 +257,7 @@ class _ProgressRecorder:
         self.last_stored = 0.0
         self.pending: drv.ProgressUpdate | None = None
         self.percent = 0.0
+        self.status = S.RUNNING  # refreshed at every heartbeat
 
     def offer(self, update: drv.ProgressUpdate) -> None:
         if not isinstance(update, drv.ProgressUpdate):
@@ -283,19 +286,17 @@ class _ProgressRecorder:
         if update.task_id:
             run.task_id = update.task_id[:200]
         run.heartbeat_at = timezone.now()
+        fields = {
+            "phase": run.phase, "percent": run.percent, "bytes_done": run.bytes_done, "bytes_total": run.bytes_total,
+            "rate_bytes_per_s": run.rate_bytes_per_s, "eta_s": run.eta_s, "iteration": run.iteration,
+            "task_id": run.task_id, "heartbeat_at": run.heartbeat_at,
+        }
         with transaction.atomic():
-            MigrationRun.objects.filter(pk=run.pk).update(
-                phase=run.phase, percent=run.percent, bytes_done=run.bytes_done, bytes_total=run.bytes_total,
-                rate_bytes_per_s=run.rate_bytes_per_s, eta_s=run.eta_s, iteration=run.iteration,
-                task_id=run.task_id, heartbeat_at=run.heartbeat_at,
-            )
-            status = MigrationRequest.objects.filter(pk=run.request_id).values_list("status", flat=True).get()
-            append_run_event(run, status=status, message=update.message)
+            append_run_event(run, status=self.status, message=update.message, run_fields=fields)
             if phase_changed:
                 audit_record(actor=None, action=AuditAction.RUN_PHASE, request=run.request,
                              object_type="migration_run", object_id=str(run.pk), task_id=run.task_id,
                              data={"phase": run.phase, "percent": round(run.percent, 1)})
-                notify_request_changed(run.request)
         self.last_stored = time.monotonic()
 
 
