@@ -55,12 +55,12 @@ def main() -> None:
 
     from bench.vcsim_relocate_baseline import plain_loop
     from bench.vcsim_sync import running_vcsim
-    from migrations_app.models import HypervisorConnection, Host, MigrationRequest, VirtualMachine
+    from migrations_app.choices import Role
+    from migrations_app.models import Host, HypervisorConnection, MigrationRequest, VirtualMachine
     from migrations_app.services import requests as svc
     from migrations_app.services.inventory import inventory_sync
     from migrations_app.services.runs import migration_run_execute
     from tests.conftest import make_user
-    from migrations_app.choices import Role
 
     call_command("migrate", verbosity=0)
     hosts_per_cluster = 4

@@ -67,11 +67,14 @@ class LiveConsumer(AsyncWebsocketConsumer):
             if not isinstance(request_id, int) or isinstance(request_id, bool):
                 await self._error("a request subscription needs an integer id")
                 return
-            if not await self._may_view_request(request_id):
+            status = await self._request_status(request_id)
+            if status is None:
                 await self._error("no such request, or you may not watch it", stream=stream, id=request_id)
                 return
             await self._join(events.request_group(request_id))
-            await self._send({"type": "subscribed", "stream": stream, "id": request_id})
+            # The status as of now, read after joining: a page rendered earlier compares and catches up.
+            status = await self._request_status(request_id)
+            await self._send({"type": "subscribed", "stream": stream, "id": request_id, "status": status})
         elif stream == "my-requests":
             await self._join(events.user_requests_group(self.scope["user"].pk))
             await self._send({"type": "subscribed", "stream": stream, "id": None})
@@ -110,9 +113,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
         return True, [events.run_event_payload(e) for e in run_events_after(run, after)]
 
     @database_sync_to_async
-    def _may_view_request(self, request_id: int) -> bool:
+    def _request_status(self, request_id: int) -> str | None:
+        """The request's status, or None when it is absent or not this user's to watch."""
         request = MigrationRequest.objects.select_related("vm").filter(pk=request_id).first()
-        return request is not None and bool(access.can_view_request(self.scope["user"], request))
+        if request is None or not access.can_view_request(self.scope["user"], request):
+            return None
+        return request.status
 
     async def _join(self, group: str) -> None:
         if group not in self.groups_joined:

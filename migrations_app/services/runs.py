@@ -168,12 +168,18 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
 
 
 def _spec(run: MigrationRun) -> drv.MigrationSpec:
+    """What the driver is asked to do; the connection's options carry the admin's link policy
+    (``bandwidth_bytes_per_s``, ``max_downtime_ms``) where the hypervisor lets us set them."""
     request = run.request
+    options = request.vm.connection.options or {}
+    bandwidth, downtime = options.get("bandwidth_bytes_per_s"), options.get("max_downtime_ms")
     return drv.MigrationSpec(
         vm_ref=request.vm.ref,
         target_host_ref=request.target_host.ref if request.target_host_id else None,
         target_datastore_ref=request.target_datastore.ref if request.target_datastore_id else None,
         timeout_s=run.timeout_s,
+        bandwidth_bytes_per_s=int(bandwidth) if bandwidth else None,
+        max_downtime_ms=int(downtime) if downtime else None,
     )
 
 

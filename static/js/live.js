@@ -84,7 +84,9 @@
     }
 
     on((msg) => {
-      if (msg.type === "request.changed" && msg.id === requestId && msg.status !== lastStatus) {
+      // "subscribed" carries the status as of subscribing: what changed since the page was rendered.
+      const isStatus = msg.type === "request.changed" || (msg.type === "subscribed" && msg.stream === "request");
+      if (isStatus && msg.id === requestId && msg.status !== lastStatus) {
         lastStatus = msg.status;
         refresh();
       }
@@ -136,7 +138,10 @@
   // -- lists: any change to a request refreshes the list fragment -----------------------------
   function watchRequests(stream) {
     on((msg) => {
-      if (msg.type === "request.changed") document.body.dispatchEvent(new Event("portal:requests-changed"));
+      // Also re-read once subscribed: a change between rendering and subscribing is not missed.
+      if (msg.type === "request.changed" || (msg.type === "subscribed" && msg.stream === stream)) {
+        document.body.dispatchEvent(new Event("portal:requests-changed"));
+      }
     });
     subscribe(() => ({ action: "subscribe", stream: stream }));
   }

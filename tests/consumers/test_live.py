@@ -155,3 +155,16 @@ async def test_the_requesters_list_hears_about_a_decision(users, datacenter):
         assert msg["type"] == "request.changed" and msg["id"] == run.request_id
         statuses.add(msg["status"])
     await comm.disconnect()
+
+
+async def test_a_request_subscription_reports_the_current_status(users, datacenter):
+    run = await db(make_run)(users, datacenter)
+    comm, _, _ = await connect(users["alice"])
+    await comm.send_json_to({"action": "subscribe", "stream": "request", "id": run.request_id})
+    reply = await comm.receive_json_from()
+    assert reply == {"type": "subscribed", "stream": "request", "id": run.request_id, "status": "queued"}
+    await comm.disconnect()
+    comm, _, _ = await connect(users["mallory"])
+    await comm.send_json_to({"action": "subscribe", "stream": "request", "id": run.request_id})
+    assert (await comm.receive_json_from())["type"] == "error"
+    await comm.disconnect()

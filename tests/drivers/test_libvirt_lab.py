@@ -19,20 +19,16 @@ from drivers.base import (
     ProgressUpdate,
     TaskState,
 )
-from tests.drivers import conftest
+from tests import peers
 from tests.drivers.test_contract import assert_progress_well_formed
+
+pytestmark = pytest.mark.peer("libvirt")
 
 
 @pytest.fixture(scope="session")
 def lab(request):
     """The libvirt harness, started once and shared with the contract suite."""
-    if "libvirt" not in conftest.SELECTED:
-        pytest.skip("DRIVER_KINDS does not select libvirt")
-    if "libvirt" not in conftest._started:
-        gen = conftest._factory("libvirt")()
-        conftest._started["libvirt"] = (gen, next(gen))
-        request.session.config.add_cleanup(lambda g=gen: next(g, None))
-    return conftest._started["libvirt"][1]
+    return peers.start("libvirt", request.session.config)
 
 
 def pools_of(lab, host: str) -> list[str]:
