@@ -1,0 +1,270 @@
+"""The vCenter driver itself: one session per driver instance, the public operations of the
+Driver contract, each translated into the portal's errors, built from the package's modules."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pyVmomi import VmomiSupport, vim, vmodl
+
+from drivers.base import (
+    Capability,
+    ConnectionConfig,
+    ConnectionFailed,
+    Driver,
+    Inventory,
+    MigrationFailed,
+    MigrationKind,
+    MigrationResult,
+    MigrationSpec,
+    Phase,
+    Placement,
+    PreflightCheck,
+    ProgressCallback,
+    TaskInfo,
+    TaskState,
+)
+from drivers.vmware.faults import _translated, fault_text
+from drivers.vmware.inventory import props_of, read_inventory, read_placement, retrieve
+from drivers.vmware.moves import MoveFacts, assess_move, read_move_facts, relocate_spec
+from drivers.vmware.session import (
+    DEFAULT_API_VERSION,
+    _CountingStub,
+    _Session,
+    log_in,
+    log_out,
+    open_stub,
+    parse_endpoint,
+    run_in_session,
+)
+from drivers.vmware.tasks import (
+    TASK_PATHS,
+    _ProgressReporter,
+    _task_spec,
+    _TaskEnd,
+    follow_task,
+    progress_percent,
+    task_state,
+    unsuccessful,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class VCenterDriver(Driver):
+    """vCenter through pyvmomi. Options (``ConnectionConfig.options``):
+
+    - ``page_size`` (1000): objects per RetrievePropertiesEx page;
+    - ``task_wait_s`` (1): longest WaitForUpdatesEx, i.e. how soon a cancel or timeout is seen;
+    - ``abort_grace_s`` (120): how long to wait for vCenter to end a task after CancelTask;
+    - ``http_timeout_s`` (60), ``api_version`` ("vim25/6.5").
+    """
+
+    kind = "vcenter"
+    capabilities = (
+        Capability.COMPUTE_MIGRATION
+        | Capability.STORAGE_MIGRATION
+        | Capability.COMBINED_MIGRATION
+        | Capability.PROGRESS
+        | Capability.TASK_LOOKUP
+    )
+
+    def __init__(self, config: ConnectionConfig):
+        super().__init__(config)
+        self.endpoint = parse_endpoint(config)
+        opts = dict(config.options)
+        self.page_size = int(opts.get("page_size", 1000))
+        self.task_wait_s = max(1, int(opts.get("task_wait_s", 1)))
+        self.abort_grace_s = float(opts.get("abort_grace_s", 120))
+        self.http_timeout_s = float(opts.get("http_timeout_s", 60))
+        api_version = str(opts.get("api_version", DEFAULT_API_VERSION))
+        if api_version not in VmomiSupport.versionMap:
+            raise ConnectionFailed(f"pyvmomi does not know vSphere API version {api_version!r}", code="bad-config")
+        self.api_version = VmomiSupport.versionMap[api_version]
+        self._lock = threading.Lock()
+        self._stub: _CountingStub | None = None
+        self._session: _Session | None = None
+        self._check_api: bool | None = None  # CheckRelocate_Task available? None = not tried yet
+
+    def __repr__(self) -> str:
+        return f"<VCenterDriver {self.endpoint.username}@{self.endpoint.host}:{self.endpoint.port}>"
+
+    @property
+    def round_trips(self) -> int:
+        """SOAP requests sent so far on this driver's connection (logins included)."""
+        return self._stub.round_trips if self._stub is not None else 0
+
+    # -- session ----------------------------------------------------------------------------
+    def _login(self, expired: _Session | None) -> _Session:
+        """The current session, logging in if there is none or if ``expired`` is still current."""
+        with self._lock:
+            if self._session is not None and self._session is not expired:
+                return self._session
+            if self._stub is None:
+                self._stub = open_stub(self.endpoint, self.config, self.api_version, self.http_timeout_s)
+            self._session = log_in(self._stub, self.endpoint, expired)
+            return self._session
+
+    def _run(self, operation: Callable[[_Session], T]) -> T:
+        """Run one operation in the session, logging in again once if vCenter says it expired
+        (see ``run_in_session`` for why repeating it is safe)."""
+        return run_in_session(self._session or self._login(None), self._login, operation)
+
+    def close(self) -> None:
+        with self._lock:
+            session, self._session = self._session, None
+            stub = self._stub
+        if session is None or stub is None:
+            return
+        log_out(session, stub, self.endpoint)
+
+    @_translated()
+    def describe(self) -> str:
+        about = self._run(lambda s: s.content.about)
+        return f"{about.fullName} at {self.endpoint.host}"
+
+    # -- reading ----------------------------------------------------------------------------
+    @_translated(context="reading the vCenter inventory")
+    def inventory(self) -> Inventory:
+        return self._run(lambda s: read_inventory(s, page_size=self.page_size))
+
+    @_translated(context="reading the VM's placement")
+    def placement(self, vm_ref: str) -> Placement:
+        return self._run(lambda s: self._placement(s, vm_ref))
+
+    def _placement(self, session: _Session, vm_ref: str) -> Placement:
+        return read_placement(session, vm_ref, stub=self._stub, page_size=self.page_size)
+
+    @_translated(context="looking up the vCenter task")
+    def task_info(self, task_id: str) -> TaskInfo:
+        try:
+            objects = self._run(
+                lambda s: retrieve(
+                    s,
+                    [_task_spec(vim.Task(task_id, self._stub), ["info.state", "info.error"])],
+                    page_size=self.page_size,
+                )
+            )
+        except vmodl.fault.ManagedObjectNotFound:
+            # vCenter forgets finished tasks after a while (and on restart).
+            return TaskInfo(task_id, TaskState.UNKNOWN, "vCenter no longer knows this task")
+        props = props_of(objects[0]) if objects else {}
+        error = props.get("info.error")
+        return TaskInfo(task_id, task_state(props.get("info.state"), error), fault_text(error) if error else "")
+
+    # -- judging a move ---------------------------------------------------------------------
+    def _move_facts(self, session: _Session, spec: MigrationSpec) -> MoveFacts:
+        return read_move_facts(session, spec, stub=self._stub, page_size=self.page_size)
+
+    @_translated(context="checking the move")
+    def preflight(self, spec: MigrationSpec) -> tuple[PreflightCheck, ...]:
+        """The inventory rules, plus vCenter's own CheckRelocate_Task where the endpoint has it
+        (vcsim has not: the driver notices once and stops asking)."""
+        facts = self._run(lambda s: self._move_facts(s, spec))
+        checks = [PreflightCheck(c.name, c.ok, c.message if not c.ok else "passed") for c in assess_move(facts, spec)]
+        if self._check_api is not False:
+            checks.extend(self._check_relocate(facts))
+        return tuple(checks)
+
+    def _check_relocate(self, facts: MoveFacts) -> list[PreflightCheck]:
+        content = self._run(lambda s: s.content)
+        checker = content.vmProvisioningChecker
+        if checker is None:
+            self._check_api = False
+            return []
+        try:
+            task = checker.CheckRelocate_Task(
+                vm=vim.VirtualMachine(facts.vm.ref, self._stub), spec=relocate_spec(facts, self._stub)
+            )
+        except (vmodl.fault.MethodNotFound, vmodl.fault.NotImplemented, vmodl.fault.NotSupported) as fault:
+            log.info(
+                "%s has no CheckRelocate_Task (%s); pre-flight uses inventory rules only",
+                self.endpoint,
+                fault_text(fault),
+            )
+            self._check_api = False
+            return []
+        self._check_api = True
+        end = self._run(lambda s: self._follow(s, task, paths=[*TASK_PATHS, "info.result"]))
+        if end.state != "success":
+            return [
+                PreflightCheck("vcenter-check", False, fault_text(end.error) if end.error else "vCenter's check failed")
+            ]
+        checks = []
+        for result in end.result or ():
+            checks += [PreflightCheck("vcenter-check", False, fault_text(f)) for f in result.error or ()]
+            checks += [PreflightCheck("vcenter-warning", True, fault_text(f)) for f in result.warning or ()]
+        return checks or [PreflightCheck("vcenter-check", True, "vCenter found no problem")]
+
+    # -- moving -----------------------------------------------------------------------------
+    @_translated(MigrationFailed, context="migrating the VM")
+    def migrate(
+        self, spec: MigrationSpec, *, on_progress: ProgressCallback, cancel: threading.Event
+    ) -> MigrationResult:
+        started = time.monotonic()
+        facts = self._run(lambda s: self._move_facts(s, spec))
+        failed = next((c for c in assess_move(facts, spec) if not c.ok), None)
+        if failed is not None:
+            raise failed.error(failed.message, code=failed.name)
+
+        progress = _ProgressReporter(on_progress)
+        progress(Phase.PRECHECK, 0.0, message=f"moving {facts.vm.name}")
+        task = self._run(
+            lambda s: vim.VirtualMachine(spec.vm_ref, self._stub).RelocateVM_Task(spec=relocate_spec(facts, self._stub))
+        )
+        task_id = task._moId
+        log.info("relocating %s (%s): %s started", facts.vm.name, spec.kind.value, task_id)
+        phase = Phase.MEMORY_PRECOPY if spec.kind == MigrationKind.COMPUTE else Phase.DISK_COPY
+        progress(phase, 0.0, task_id=task_id)
+
+        def on_task_progress(value: int | None) -> None:
+            progress(phase, progress_percent(value, progress.percent), task_id=task_id)
+
+        end = self._run(
+            lambda s: self._follow(
+                s, task, started=started, timeout_s=spec.timeout_s, cancel=cancel, on_progress=on_task_progress
+            )
+        )
+        if end.state != "success":
+            raise self._unsuccessful(end, task_id, facts.vm.name, spec)
+
+        placement = self._run(lambda s: self._placement(s, spec.vm_ref))
+        message = f"VM {facts.vm.name} moved"
+        if end.aborted:
+            message += f" (the {end.aborted} came too late: vCenter no longer allowed cancelling the task)"
+        progress(Phase.DONE, 100.0, task_id=task_id, message=message)
+        return MigrationResult(
+            placement=placement, task_id=task_id, duration_s=time.monotonic() - started, message=message
+        )
+
+    _unsuccessful = staticmethod(unsuccessful)
+
+    def _follow(
+        self,
+        session: _Session,
+        task: Any,
+        *,
+        paths: list[str] = TASK_PATHS,
+        started: float = 0.0,
+        timeout_s: float | None = None,
+        cancel: threading.Event | None = None,
+        on_progress: Callable[[int | None], None] | None = None,
+    ) -> _TaskEnd:
+        """Follow a task to its end (``follow_task``) with this driver's task_wait_s and abort_grace_s."""
+        return follow_task(
+            session,
+            task,
+            task_wait_s=self.task_wait_s,
+            abort_grace_s=self.abort_grace_s,
+            paths=paths,
+            started=started,
+            timeout_s=timeout_s,
+            cancel=cancel,
+            on_progress=on_progress,
+        )
