@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from drivers.base import ConnectionConfig, MigrationSpec  # noqa: E402
 from drivers.libvirt import LibvirtDriver, load_sdk  # noqa: E402
-from drivers.libvirt_jobs import migration_flag_names  # noqa: E402
+from drivers.libvirt.jobs import migration_flag_names  # noqa: E402
 
 LAB = REPO / "lab" / "kvm" / "lab.sh"
 GUEST = "app-1"

@@ -18,7 +18,7 @@ from typing import Any
 
 from drivers.base import ConnectionConfig, MigrationSpec, Placement
 from drivers.libvirt import LibvirtDriver, ensure_event_loop, load_sdk
-from drivers.libvirt_xml import parse_domain, pool_target_path
+from drivers.libvirt.xml import parse_domain, pool_target_path
 from tests.drivers.harness import Harness
 
 REPO = Path(__file__).resolve().parents[2]

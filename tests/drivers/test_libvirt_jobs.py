@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from drivers import libvirt_jobs as jobs
-from drivers import libvirt_xml as lxml
 from drivers.base import (
     ConnectionFailed,
     InsufficientResources,
@@ -17,6 +15,8 @@ from drivers.base import (
     NotFound,
     Phase,
 )
+from drivers.libvirt import jobs
+from drivers.libvirt import xml as lxml
 
 MiB = 1024**2
 GiB = 1024**3

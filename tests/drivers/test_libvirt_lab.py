@@ -221,7 +221,7 @@ def test_preflight_checks_pass_for_a_valid_move(lab):
 def test_the_copied_libvirt_constants_match_the_sdk(lab):
     import libvirt
 
-    from drivers import libvirt_jobs
+    from drivers.libvirt import jobs as libvirt_jobs
 
     for name in dir(libvirt_jobs):
         if name.startswith("ERR_"):

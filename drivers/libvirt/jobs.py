@@ -1,6 +1,6 @@
 """Pure decisions about libvirt jobs, kept apart from the SDK so they are unit-tested without it.
 
-``drivers/libvirt.py`` feeds these functions the numbers libvirt reports (``jobStats()``,
+The driver (``drivers/libvirt/``) feeds these functions the numbers libvirt reports (``jobStats()``,
 ``blockJobInfo()``, error codes) and acts on what they return. Nothing here imports libvirt: the
 few libvirt constants needed are copied below as plain ints/strings (they are part of libvirt's
 stable ABI), and a lab test checks them against the real module.
