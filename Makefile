@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://portal:portal@127.0.0.1:5432/portal
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: demo test lint check lab-vcsim lab-vcsim-stop bench-vcsim
+.PHONY: demo test lint check lab-vcsim lab-vcsim-stop lab-kvm lab-kvm-stop bench-vcsim bench-libvirt
 
 demo:
 	bash lab/bootstrap.sh venv redis
@@ -26,15 +26,26 @@ check:
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# A vcsim (vCenter API simulator) for the demo: add it in the admin as a vCenter connection.
+# Lab peers for the demo, registered in the portal as connections (run `make demo` once first).
 lab-vcsim:
-	bash lab/vcsim/vcsim.sh start -dc 1 -cluster 2 -host 3 -standalone 0 -vm 4 -ds 3
-	@echo "CA bundle (paste into the connection's CA bundle field): lab/run/vcsim/cert.pem"
+	bash lab/register.sh vcsim
 
 lab-vcsim-stop:
 	bash lab/vcsim/vcsim.sh stop
+
+lab-kvm:
+	bash lab/register.sh kvm
+
+lab-kvm-stop:
+	bash lab/kvm/lab.sh down
 
 bench-vcsim:
 	bash lab/bootstrap.sh venv-dev
 	$(PY) bench/vcsim_sync.py
 	$(PY) bench/vcsim_relocate_baseline.py 300
+
+bench-libvirt:
+	bash lab/bootstrap.sh venv-dev
+	bash lab/kvm/lab.sh install && bash lab/kvm/lab.sh up
+	$(PY) bench/libvirt_overhead.py --rounds 5
+	bash lab/kvm/lab.sh down

@@ -87,6 +87,7 @@ class ProgressMixin:
         dom = plan.vm.dom
         stop = ""
         postcopy_started = False
+        last_sample = 0.0
         while True:
             watch.wake.wait(self.poll_interval)  # an event, the call's end, or the next sample
             watch.wake.clear()
@@ -98,6 +99,12 @@ class ProgressMixin:
                 stop = "cancel" if cancel.is_set() else "timeout"
                 self._abort(dom)
                 continue
+            # Events wake the loop to notice the end, a cancel or a deadline at once; samples stay at
+            # one per interval. A jobStats() sent right on the heels of a migration event was seen to
+            # wait for libvirt's job lock until switchover (seconds without progress).
+            if time.monotonic() - last_sample < self.poll_interval:
+                continue
+            last_sample = time.monotonic()
             try:
                 stats = dom.jobStats(0)
             except sdk.libvirt.libvirtError:

@@ -67,7 +67,7 @@ def test_throttled_live_migration_progress_in_the_browser(request, login, api, l
     percents = [p for p, _ in samples]
     assert percents == sorted(percents), "progress went backwards in the browser"
     stored = list(mr.run.events.values_list("seq", "phase", "percent"))
-    assert percents[-1] == 100.0 and len({p for p in percents if 0 < p < 100}) >= 5, (percents, stored)
+    assert percents[-1] == 100.0 and len({p for p in percents if 0 < p < 100}) >= 3, (percents, stored)
     phases = [ph for _, ph in samples]
     assert "memory_precopy" in phases and phases[-1] == "done"
     assert (mr.run.finished_at - mr.run.started_at).total_seconds() > 3, "the throttle did not slow the move"
