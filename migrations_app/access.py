@@ -19,6 +19,7 @@ class Verdict:
 
     allowed: bool
     reason: str = ""
+    conflict: bool = False  # refused because of the object's state, not the user's rights
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -27,8 +28,8 @@ class Verdict:
 ALLOW = Verdict(True)
 
 
-def deny(reason: str) -> Verdict:
-    return Verdict(False, reason)
+def deny(reason: str, *, conflict: bool = False) -> Verdict:
+    return Verdict(False, reason, conflict)
 
 
 def roles(user) -> frozenset[str]:
@@ -86,7 +87,7 @@ def can_decide(user, request) -> Verdict:
     if request.requester_id == user.pk:
         return deny("you cannot approve or reject your own request")
     if request.status not in AWAITING_DECISION:
-        return deny(f"this request is already {request.get_status_display().lower()}")
+        return deny(f"this request is already {request.get_status_display().lower()}", conflict=True)
     return ALLOW
 
 
@@ -94,7 +95,7 @@ def can_cancel(user, request) -> Verdict:
     if request.requester_id != user.pk and not has_role(user, Role.ADMIN):
         return deny("only the requester or an admin can cancel a request")
     if request.status not in CANCELABLE:
-        return deny(f"this request is already {request.get_status_display().lower()}")
+        return deny(f"this request is already {request.get_status_display().lower()}", conflict=True)
     return ALLOW
 
 

@@ -164,7 +164,7 @@ def migration_request_approve(*, request: MigrationRequest, actor, comment: str 
         request = _lock(request)
         verdict = access.can_decide(actor, request)
         if not verdict:
-            raise ActionRefused(verdict.reason, denied=True)
+            raise ActionRefused(verdict.reason, denied=not verdict.conflict)
         _approve_locked(request, approver=actor, comment=(comment or "").strip(), ip=ip)
         notify_request_changed(request)
     return request
@@ -178,7 +178,7 @@ def migration_request_reject(*, request: MigrationRequest, actor, reason: str, i
         request = _lock(request)
         verdict = access.can_decide(actor, request)
         if not verdict:
-            raise ActionRefused(verdict.reason, denied=True)
+            raise ActionRefused(verdict.reason, denied=not verdict.conflict)
         if not reason:
             raise ActionRefused("a rejection needs a reason the requester can act on", field="reason")
         set_status(request, S.REJECTED)
@@ -205,7 +205,7 @@ def migration_request_cancel(*, request: MigrationRequest, actor, reason: str = 
         request = _lock(request)
         verdict = access.can_cancel(actor, request)
         if not verdict:
-            raise ActionRefused(verdict.reason, denied=not verdict.reason.startswith("this request is already"))
+            raise ActionRefused(verdict.reason, denied=not verdict.conflict)
         now = timezone.now()
         run = getattr(request, "run", None)
         if request.status == S.RUNNING:

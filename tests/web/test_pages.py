@@ -194,3 +194,12 @@ def test_connection_passwords_are_encrypted_at_rest(db):
     stored = HypervisorConnection.objects.values_list("password_encrypted", flat=True).get(pk=conn.pk)
     assert "canary-Secret-42" not in stored and stored.startswith("fernet:")
     assert HypervisorConnection.objects.get(pk=conn.pk).get_password() == "canary-Secret-42"
+
+
+def test_api_approving_twice_is_a_409_conflict(users, datacenter):
+    vm = running_vm(datacenter)
+    rid = api_post(client_for(users["alice"]), "/api/requests/",
+                   {"vm_id": vm.pk, "target_host_id": other_host_same_cluster(vm).pk, "reason": "x"}).json()["id"]
+    assert api_post(client_for(users["erin"]), f"/api/requests/{rid}/approve/", {}).status_code == 200
+    again = api_post(client_for(users["bob"]), f"/api/requests/{rid}/approve/", {})
+    assert again.status_code == 409 and "already queued" in again.json()["error"]
