@@ -26,7 +26,7 @@ from tests.conftest import other_host_same_cluster
 from tests.drivers.peer_vcenter import REPO, _vcsim
 
 S = RequestStatus
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.peer("vcenter")]
 
 
 @pytest.fixture(scope="module")
