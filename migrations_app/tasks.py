@@ -16,6 +16,7 @@ from celery.signals import worker_process_shutdown, worker_shutdown
 from drivers import base as drv
 from drivers import registry
 from migrations_app.models import HypervisorConnection
+from migrations_app.services import audit as audit_services
 from migrations_app.services import inventory as inventory_services
 from migrations_app.services import recovery as recovery_services
 from migrations_app.services import requests as request_services
@@ -42,6 +43,11 @@ def dispatch_due() -> None:
 @shared_task(name="migrations_app.tasks.reconcile_stale", ignore_result=True)
 def reconcile_stale() -> None:
     recovery_services.migration_run_reconcile_stale()
+
+
+@shared_task(name="migrations_app.tasks.audit_checkpoint", ignore_result=True)
+def audit_checkpoint() -> None:
+    audit_services.audit_checkpoint()
 
 
 @shared_task(name="migrations_app.tasks.expire_stale", ignore_result=True)

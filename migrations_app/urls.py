@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from migrations_app import views
 
@@ -15,4 +15,5 @@ urlpatterns = [
     path("requests/<int:pk>/cancel/", views.request_cancel, name="request_cancel"),
     path("approvals/", views.approvals, name="approvals"),
     path("audit/", views.audit_log, name="audit"),
+    re_path(r"^audit/export\.(?P<fmt>csv|json)$", views.audit_export, name="audit_export"),
 ]

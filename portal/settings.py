@@ -135,6 +135,7 @@ CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "portal")
 CELERY_BEAT_SCHEDULE = {
     "dispatch-due-requests": {"task": "migrations_app.tasks.dispatch_due", "schedule": 15.0},
     "expire-stale-requests": {"task": "migrations_app.tasks.expire_stale", "schedule": 60.0},
+    "audit-checkpoint": {"task": "migrations_app.tasks.audit_checkpoint", "schedule": 300.0},
     "reconcile-stale-runs": {"task": "migrations_app.tasks.reconcile_stale", "schedule": 20.0},
     "sync-inventory": {"task": "migrations_app.tasks.sync_all_inventories", "schedule": 300.0},
 }

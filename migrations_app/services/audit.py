@@ -1,11 +1,32 @@
-"""Writing the audit log. Always called inside the transaction of the action it records."""
+"""Writing the audit log. Always called inside the transaction of the action it records.
+
+Appends are serialized (an advisory lock on PostgreSQL; SQLite's immediate transactions already
+serialize writers) so that each entry chains to the one committed just before it.
+"""
 
 from __future__ import annotations
 
-from django.db import transaction
+import os
+from datetime import UTC, datetime
 
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from migrations_app import audit_chain
 from migrations_app.choices import AuditAction, AuditOutcome
 from migrations_app.models import AuditEntry, MigrationRequest
+
+# Any constant: the advisory lock that serializes appends to the chain (held until commit).
+_CHAIN_LOCK = 7_402_113
+
+
+def _chain_tail() -> str:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CHAIN_LOCK])
+    last = AuditEntry.objects.order_by("-id").values_list("entry_hash", flat=True).first()
+    return last or audit_chain.GENESIS
 
 
 def audit_record(
@@ -23,15 +44,19 @@ def audit_record(
     ip: str | None = None,
     vm_name: str = "",
     data: dict | None = None,
+    actor_name: str = "",
 ) -> AuditEntry:
     """Append one audit entry. ``actor`` None means the system (a worker, the scheduler)."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("audit entries are written inside the transaction of the action they record")
     if request is not None:
         object_type = object_type or "migration_request"
         object_id = object_id or str(request.pk)
         vm_name = vm_name or request.vm.name
-    return AuditEntry.objects.create(
+    entry = AuditEntry(
+        created_at=timezone.now(),
         actor=actor if getattr(actor, "pk", None) else None,
-        actor_name=getattr(actor, "username", "") or "system",
+        actor_name=actor_name or getattr(actor, "username", "") or "system",
         action=action,
         outcome=outcome,
         object_type=object_type,
@@ -45,6 +70,21 @@ def audit_record(
         ip=ip or None,
         data=data or {},
     )
+    entry.prev_hash = _chain_tail()
+    entry.entry_hash = audit_chain.entry_hash(_content(entry))
+    entry.save(force_insert=True)
+    return entry
+
+
+def _content(entry: AuditEntry) -> dict:
+    """An entry as the chain sees it: values as they come back from the database (JSON round trip)."""
+    import json
+
+    row = {name: getattr(entry, name) for name in audit_chain.CONTENT_FIELDS}
+    for name in ("before", "after", "data"):
+        row[name] = json.loads(json.dumps(row[name]))
+    row["prev_hash"] = entry.prev_hash
+    return row
 
 
 def audit_denied(*, actor, action: AuditAction, reason: str, request: MigrationRequest | None = None,
@@ -61,11 +101,50 @@ def audit_session(*, action: AuditAction, user=None, username: str = "", ip: str
     """Record a login, a failed login (``user`` None, ``username`` as typed) or a logout."""
     failed = action == AuditAction.USER_LOGIN_FAILED
     with transaction.atomic():
-        entry = audit_record(
+        audit_record(
             actor=user, action=action, object_type="session", ip=ip,
             outcome=AuditOutcome.FAILURE if failed else AuditOutcome.SUCCESS,
             data={"username": username[:150]} if failed else {},
+            actor_name=f"unknown:{username[:140]}" if failed else "",
         )
-        if failed:
-            entry.actor_name = f"unknown:{username[:140]}"
-            entry.save(update_fields=["actor_name"])
+
+
+# -- checkpoints: signed (id, hash) pairs kept outside the database -----------------------------
+
+
+def _checkpoint_key() -> bytes:
+    key = os.environ.get("PORTAL_AUDIT_KEY", "").encode()
+    if key:
+        return key
+    path = settings.DATA_DIR / "audit.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(os.urandom(32).hex())
+    return path.read_text().strip().encode()
+
+
+def checkpoint_path():
+    return settings.PORTAL.get("AUDIT_CHECKPOINT_FILE") or settings.DATA_DIR / "audit-checkpoints.log"
+
+
+def audit_checkpoint() -> audit_chain.Checkpoint | None:
+    """Sign the chain's current tail and append it to the checkpoint file (beat runs this)."""
+    last = AuditEntry.objects.order_by("-id").values_list("id", "entry_hash").first()
+    if last is None:
+        return None
+    cp = audit_chain.sign(_checkpoint_key(), last[0], last[1], datetime.now(UTC).isoformat())
+    with open(checkpoint_path(), "a") as fh:
+        fh.write(cp.line() + "\n")
+    return cp
+
+
+def audit_verify_chain() -> audit_chain.Verdict:
+    """Check the whole chain, in id order, against the signed checkpoints."""
+    rows = AuditEntry.objects.order_by("id").values("id", "prev_hash", "entry_hash", *audit_chain.CONTENT_FIELDS)
+    try:
+        with open(checkpoint_path()) as fh:
+            checkpoints = list(audit_chain.parse_checkpoints(fh))
+    except FileNotFoundError:
+        checkpoints = []
+    return audit_chain.verify(rows.iterator(chunk_size=2000), checkpoints, _checkpoint_key())

@@ -18,6 +18,7 @@ import logging
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from drivers import base as drv
@@ -60,11 +61,12 @@ def migration_run_reconcile_stale(*, stale_after_s: float | None = None) -> dict
             counts["unreachable"] += 1
             continue
         if info.state == drv.TaskState.RUNNING:
-            MigrationRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
-            append_run_event(run, status=run.request.status,
-                             message=f"worker lost; hypervisor task {run.task_id} still running, followed by the reconciler")
-            audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=run.request, task_id=run.task_id,
-                         reason="worker lost; the hypervisor still runs the task: adopted")
+            with transaction.atomic():
+                MigrationRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
+                append_run_event(run, status=run.request.status, message=f"worker lost; hypervisor task "
+                                 f"{run.task_id} still running, followed by the reconciler")
+                audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=run.request,
+                             task_id=run.task_id, reason="worker lost; the hypervisor still runs the task: adopted")
             counts["adopted"] += 1
             continue
         if info.state == drv.TaskState.SUCCEEDED or (placement is not None and _at_target(run, placement)):
@@ -79,8 +81,9 @@ def migration_run_reconcile_stale(*, stale_after_s: float | None = None) -> dict
             outcome = _Outcome(error=drv.MigrationFailed(f"The worker was lost and the move did not complete: {why}. "
                                                          "The VM stays on its source."))
             counts["failed"] += 1
-        audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=run.request, task_id=run.task_id,
-                     reason=f"worker lost; hypervisor task state {info.state.value}",
-                     data={"placement_host": placement.host_ref if placement else None})
-        migration_run_finish(run=run, outcome=outcome)
+        with transaction.atomic():  # the reconciliation and the outcome it settles, together
+            audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=run.request, task_id=run.task_id,
+                         reason=f"worker lost; hypervisor task state {info.state.value}",
+                         data={"placement_host": placement.host_ref if placement else None})
+            migration_run_finish(run=run, outcome=outcome)
     return counts

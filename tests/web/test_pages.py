@@ -203,3 +203,17 @@ def test_api_approving_twice_is_a_409_conflict(users, datacenter):
     assert api_post(client_for(users["erin"]), f"/api/requests/{rid}/approve/", {}).status_code == 200
     again = api_post(client_for(users["bob"]), f"/api/requests/{rid}/approve/", {})
     assert again.status_code == 409 and "already queued" in again.json()["error"]
+
+
+def test_audit_export_streams_the_filtered_entries_as_csv_and_json(users, datacenter):
+    vm = running_vm(datacenter)
+    svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
+                                 target_host=other_host_same_cluster(vm), reason="export me")
+    dave = client_for(users["dave"])
+    response = dave.get("/audit/export.csv", {"action": "request.submitted"})
+    assert response.streaming and response["Content-Type"].startswith("text/csv")
+    lines = b"".join(response.streaming_content).decode().splitlines()
+    assert lines[0].startswith("id,created_at,actor_name,action") and len(lines) == 2 and "export me" in lines[1]
+    rows = json.loads(b"".join(dave.get("/audit/export.json", {"actor": "alice"}).streaming_content))
+    assert [r["action"] for r in rows] == ["request.submitted"] and rows[0]["entry_hash"]
+    assert client_for(users["alice"]).get("/audit/export.csv").status_code == 403
