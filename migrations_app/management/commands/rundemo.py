@@ -41,17 +41,16 @@ class Command(BaseCommand):
             nonlocal stopping
             stopping = True
 
+        # Explicit handlers: a shell that starts us in the background ignores SIGINT by default.
         signal.signal(signal.SIGTERM, stop)
-        try:
-            while not stopping:
-                for name, proc in procs.items():
-                    if proc.poll() is not None:
-                        self.stderr.write(f"{name} exited with {proc.returncode}; stopping the others")
-                        stopping = True
-                if not stopping:
-                    time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+        signal.signal(signal.SIGINT, stop)
+        while not stopping:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    self.stderr.write(f"{name} exited with {proc.returncode}; stopping the others")
+                    stopping = True
+            if not stopping:
+                time.sleep(0.5)  # a supervisor's check of its children; signals set ``stopping``
         for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
