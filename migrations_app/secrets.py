@@ -6,7 +6,9 @@ Fernet key), else a key file ``<PORTAL_DATA_DIR>/field.key`` created on first us
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from functools import lru_cache
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -15,17 +17,24 @@ from django.conf import settings
 PREFIX = "fernet:"
 
 
-@lru_cache(maxsize=1)
-def _fernet() -> Fernet:
-    key = os.environ.get("PORTAL_FIELD_KEY", "").encode()
-    if not key:
-        path = settings.DATA_DIR / "field.key"
-        if not path.exists():
+def key_from(env_var: str, filename: str, generate: Callable[[], bytes]) -> bytes:
+    """A secret key: from the environment, else from a file under PORTAL_DATA_DIR created on first
+    use, readable by its owner only."""
+    key = os.environ.get(env_var, "").encode()
+    if key:
+        return key
+    path = settings.DATA_DIR / filename
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
-                fh.write(Fernet.generate_key())
-        key = path.read_bytes().strip()
-    return Fernet(key)
+                fh.write(generate())
+    return path.read_bytes().strip()
+
+
+@lru_cache(maxsize=1)
+def _fernet() -> Fernet:
+    return Fernet(key_from("PORTAL_FIELD_KEY", "field.key", Fernet.generate_key))
 
 
 def encrypt(plain: str) -> str:

@@ -6,6 +6,7 @@ serialize writers) so that each entry chains to the one committed just before it
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime
 
@@ -16,6 +17,7 @@ from django.utils import timezone
 from migrations_app import audit_chain
 from migrations_app.choices import AuditAction, AuditOutcome
 from migrations_app.models import AuditEntry, MigrationRequest
+from migrations_app.secrets import key_from
 
 # Any constant: the advisory lock that serializes appends to the chain (held until commit).
 _CHAIN_LOCK = 7_402_113
@@ -78,8 +80,6 @@ def audit_record(
 
 def _content(entry: AuditEntry) -> dict:
     """An entry as the chain sees it: values as they come back from the database (JSON round trip)."""
-    import json
-
     row = {name: getattr(entry, name) for name in audit_chain.CONTENT_FIELDS}
     for name in ("before", "after", "data"):
         row[name] = json.loads(json.dumps(row[name]))
@@ -113,15 +113,8 @@ def audit_session(*, action: AuditAction, user=None, username: str = "", ip: str
 
 
 def _checkpoint_key() -> bytes:
-    key = os.environ.get("PORTAL_AUDIT_KEY", "").encode()
-    if key:
-        return key
-    path = settings.DATA_DIR / "audit.key"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(os.urandom(32).hex())
-    return path.read_text().strip().encode()
+    # Kept apart from SECRET_KEY and from the database it vouches for.
+    return key_from("PORTAL_AUDIT_KEY", "audit.key", lambda: os.urandom(32).hex().encode())
 
 
 def checkpoint_path():

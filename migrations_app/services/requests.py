@@ -14,8 +14,6 @@ from migrations_app.models import Datastore, Host, MigrationRequest, VirtualMach
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_denied, audit_record
 from migrations_app.services.errors import ActionRefused
-
-__all__ = ["ActionRefused"]
 from migrations_app.services.preflight import check_move
 
 S = RequestStatus

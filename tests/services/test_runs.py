@@ -11,6 +11,7 @@ import pytest
 from migrations_app.choices import AuditAction, MigrationKind, Phase, RequestStatus
 from migrations_app.models import AuditEntry, Datastore, MigrationRequest, MigrationRun, RunEvent, VirtualMachine
 from migrations_app.services import requests as svc
+from migrations_app.services.errors import ActionRefused
 from migrations_app.services.runs import migration_run_execute
 from tests.conftest import other_host_same_cluster, running_vm
 
@@ -175,7 +176,7 @@ def test_concurrent_approvals_give_exactly_one_transition(datacenter, users):
         try:
             svc.migration_request_approve(request=mr, actor=users[name])
             outcomes.append("ok")
-        except svc.ActionRefused as exc:
+        except ActionRefused as exc:
             outcomes.append(exc.message)
         finally:
             conn.close()
