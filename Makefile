@@ -1,5 +1,8 @@
 # The commands the README gives. `make demo` runs the portal; `make test` runs every test.
 VENV ?= .venv
+# These targets run the demo, the labs and the tests on this machine: development settings
+# (a deployment sets DEBUG=0, SECRET_KEY and the rest in its own environment).
+export DEBUG ?= 1
 PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://portal:portal@127.0.0.1:5432/portal
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0

@@ -45,6 +45,7 @@ def main() -> None:
     os.environ.setdefault("CELERY_BROKER_URL", "memory://")
     os.environ["PORTAL_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-portal-")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    os.environ.setdefault("DEBUG", "1")
     import django
 
     django.setup()

@@ -37,6 +37,9 @@ class Capability(enum.Flag):
     PROGRESS = enum.auto()  # reports intermediate progress (not only start and end)
     CHECK_API = enum.auto()  # the endpoint has its own pre-flight check (CheckRelocate_Task)
     TASK_LOOKUP = enum.auto()  # a stored task id can be looked up after a worker crash
+    # A compute move copies disks the target host cannot see into its own storage of the same name
+    # (libvirt NON_SHARED_DISK); without it, a compute move needs storage the target host sees.
+    COMPUTE_COPIES_LOCAL_DISKS = enum.auto()
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,10 +56,12 @@ redis() {
 postgres() {
   if ! port_open 5432; then
     ls /etc/postgresql/*/main >/dev/null 2>&1 || apt_install postgresql
+  fi
+  if ! port_open 5432; then  # the package may have started the cluster itself
     local version
     version=$(ls /etc/postgresql | sort -V | tail -n1)
     log "starting PostgreSQL $version"
-    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || port_open 5432
     wait_port 5432
   fi
   # A password role works whatever pg_hba says for TCP (trust here, scram on a stock install).

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${VENV:-.venv}/bin/python
+export DEBUG=${DEBUG:-1}  # the demo's settings
 
 case "${1:-}" in
   vcsim)

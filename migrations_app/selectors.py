@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from django.db.models import Prefetch, Q, QuerySet
 
+from drivers.base import Capability
 from migrations_app import access
 from migrations_app.choices import OPEN, RequestStatus, Role
 from migrations_app.models import (
@@ -17,6 +19,11 @@ from migrations_app.models import (
     VirtualDisk,
     VirtualMachine,
 )
+
+
+def as_id(value: str) -> int | None:
+    """A database id from a query parameter, or None (str.isdigit accepts other scripts' digits)."""
+    return int(value) if re.fullmatch(r"[0-9]{1,18}", value or "") else None
 
 
 def visible_vms(user) -> QuerySet[VirtualMachine]:
@@ -34,10 +41,10 @@ def vm_search(user, *, text: str = "", cluster_id: str = "", host_id: str = "", 
     qs = visible_vms(user)
     if text:
         qs = qs.filter(Q(name__icontains=text) | Q(host__name__icontains=text) | Q(folder__icontains=text))
-    if cluster_id.isdigit():
-        qs = qs.filter(host__cluster_id=int(cluster_id))
-    if host_id.isdigit():
-        qs = qs.filter(host_id=int(host_id))
+    if as_id(cluster_id) is not None:
+        qs = qs.filter(host__cluster_id=as_id(cluster_id))
+    if as_id(host_id) is not None:
+        qs = qs.filter(host_id=as_id(host_id))
     if power:
         qs = qs.filter(power_state=power)
     if tag:
@@ -95,8 +102,8 @@ def audit_entries(*, actor: str = "", vm: str = "", action: str = "", outcome: s
         qs = qs.filter(action=action)
     if outcome:
         qs = qs.filter(outcome=outcome)
-    if request_id.isdigit():
-        qs = qs.filter(request_id=int(request_id))
+    if as_id(request_id) is not None:
+        qs = qs.filter(request_id=as_id(request_id))
     if since:
         qs = qs.filter(created_at__gte=since)
     if until:
@@ -121,7 +128,8 @@ class Choice:
 
 def host_choices(vm: VirtualMachine) -> list[Choice]:
     """Hosts of the VM's connection; only other usable hosts of its cluster that see its disks are valid."""
-    vm_ds = vm.datastore_ids()
+    # Where the driver copies host-local disks along with a compute move, any host may be chosen.
+    vm_ds = set() if vm.connection.supports(Capability.COMPUTE_COPIES_LOCAL_DISKS) else vm.datastore_ids()
     hosts = Host.objects.filter(connection=vm.connection, present=True).select_related("cluster").prefetch_related(
         "datastores"
     )

@@ -123,7 +123,7 @@ def vm_migrate_datastores(request, pk: int):
     if not access.can_view_vm(request.user, vm):
         raise PermissionDenied
     host_id = request.GET.get("target_host", "")
-    host = Host.objects.filter(connection=vm.connection, pk=host_id).first() if host_id.isdigit() else None
+    host = Host.objects.filter(connection=vm.connection, pk=selectors.as_id(host_id)).first() if selectors.as_id(host_id) else None
     return render(request, "migrations_app/_datastore_select.html", {
         "datastore_choices": selectors.datastore_choices(vm, host), "target_host": host,
     })
@@ -188,7 +188,7 @@ def _act(request, pk: int, service, **kwargs):
         service(request=mr, actor=request.user, ip=client_ip(request), **kwargs)
     except ActionRefused as exc:
         messages.error(request, f"Request #{pk}: {exc.message}.")
-        status = 403 if exc.denied else 409
+        status = 403 if exc.denied else 409 if exc.conflict else 400
         if request.htmx:
             return HttpResponse(exc.message, status=status)
     else:

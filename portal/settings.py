@@ -25,6 +25,7 @@ if TESTING:
         "CELERY_BROKER_URL": "memory://",
         "PORTAL_HEARTBEAT_S": "0.2",
         "PORTAL_PROGRESS_INTERVAL_S": "0.05",
+        "SECRET_KEY": "test-only-secret-key-" + "t" * 30,
     }.items():
         os.environ.setdefault(_key, _value)
 DATA_DIR = Path(os.environ.get("PORTAL_DATA_DIR", BASE_DIR / "var"))
@@ -35,7 +36,7 @@ def env_bool(name: str, default: bool) -> bool:
     return os.environ.get(name, str(default)).strip().lower() in {"1", "true", "yes", "on"}
 
 
-DEBUG = env_bool("DEBUG", True)
+DEBUG = env_bool("DEBUG", False)  # the demo sets DEBUG=1; a deployment that forgets gets the safe side
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
@@ -110,6 +111,9 @@ else:
             },
         }
     }
+if TESTING:
+    # Each test session its own database: two sessions on one server never drop each other's.
+    DATABASES["default"].setdefault("TEST", {})["NAME"] = f"test_portal_{os.getpid()}"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # -- Redis: Celery broker and the channel layer --------------------------------------------

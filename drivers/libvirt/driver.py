@@ -27,6 +27,7 @@ class LibvirtDriver(MovesMixin, ProgressMixin, PlanningMixin, InventoryMixin, Dr
         | Capability.CANCEL
         | Capability.PROGRESS
         | Capability.TASK_LOOKUP
+        | Capability.COMPUTE_COPIES_LOCAL_DISKS
     )
 
     def __init__(self, config: ConnectionConfig):

@@ -7,6 +7,7 @@ Errors are JSON: {"error": "...", "field": "..."} with 400 (bad input), 403 (not
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 
 from django.http import JsonResponse
@@ -145,7 +146,7 @@ def _action(service, **fixed):
             kwargs = {key: text for key in fixed.values()}
             mr = service(request=mr, actor=request.user, ip=client_ip(request), **kwargs)
         except ActionRefused as exc:
-            return _error(exc.message, 403 if exc.denied else (409 if exc.field is None else 400), exc.field)
+            return _error(exc.message, 403 if exc.denied else 409 if exc.conflict else 400, exc.field)
         return JsonResponse(request_json(mr))
 
     return view
@@ -163,6 +164,6 @@ def run_events(request, pk: int):
     if run is None or not access.can_view_request(request.user, run.request):
         return _error("no such run", 404)
     after = request.GET.get("after", "0")
-    if not after.isdigit():
+    if not re.fullmatch(r"[0-9]{1,12}", after):
         return _error("after must be a non-negative integer", 400, "after")
     return JsonResponse({"results": [events.run_event_payload(e) for e in selectors.run_events_after(run, int(after))]})

@@ -35,6 +35,12 @@ class HypervisorConnection(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def supports(self, capability) -> bool:
+        """Whether this connection's driver declares a ``drivers.base.Capability``."""
+        from drivers.registry import driver_class
+
+        return capability in driver_class(self.kind).capabilities
+
     def set_password(self, plain: str) -> None:
         from migrations_app.secrets import encrypt
 

@@ -9,8 +9,9 @@ class ActionRefused(Exception):
     ``field`` names the form field at fault, when there is one.
     """
 
-    def __init__(self, message: str, *, field: str | None = None, denied: bool = False):
+    def __init__(self, message: str, *, field: str | None = None, denied: bool = False, conflict: bool = False):
         self.message = message
         self.field = field
-        self.denied = denied  # True when it is an authorization refusal (audited as such)
+        self.denied = denied  # an authorization refusal
+        self.conflict = conflict  # the object's state does not allow it (decided, finished...)
         super().__init__(message)

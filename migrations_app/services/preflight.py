@@ -5,6 +5,7 @@ The hypervisor re-checks at run time; these catch what we can know before anyone
 
 from __future__ import annotations
 
+from drivers.base import Capability
 from migrations_app.choices import MigrationKind, PowerState
 from migrations_app.models import Datastore, Host, VirtualMachine
 from migrations_app.services.errors import ActionRefused
@@ -63,7 +64,7 @@ def check_move(vm: VirtualMachine, kind: str, target_host: Host | None, target_d
                 f"{vm.name} needs {moving / 1024**3:,.0f} GiB",
                 field="target_datastore",
             )
-    elif not vm.datastore_ids() <= seen:
+    elif not vm.datastore_ids() <= seen and not vm.connection.supports(Capability.COMPUTE_COPIES_LOCAL_DISKS):
         raise ActionRefused(
             f"{host.name} does not see {vm.name}'s datastore; choose a compute and storage move",
             field="target_host",

@@ -162,7 +162,7 @@ def migration_request_approve(*, request: MigrationRequest, actor, comment: str 
         request = _lock(request)
         verdict = access.can_decide(actor, request)
         if not verdict:
-            raise ActionRefused(verdict.reason, denied=not verdict.conflict)
+            raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
         _approve_locked(request, approver=actor, comment=(comment or "").strip(), ip=ip)
         notify_request_changed(request)
     return request
@@ -176,7 +176,7 @@ def migration_request_reject(*, request: MigrationRequest, actor, reason: str, i
         request = _lock(request)
         verdict = access.can_decide(actor, request)
         if not verdict:
-            raise ActionRefused(verdict.reason, denied=not verdict.conflict)
+            raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
         if not reason:
             raise ActionRefused("a rejection needs a reason the requester can act on", field="reason")
         set_status(request, S.REJECTED)
@@ -203,7 +203,7 @@ def migration_request_cancel(*, request: MigrationRequest, actor, reason: str = 
         request = _lock(request)
         verdict = access.can_cancel(actor, request)
         if not verdict:
-            raise ActionRefused(verdict.reason, denied=not verdict.conflict)
+            raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
         now = timezone.now()
         run = getattr(request, "run", None)
         if request.status == S.RUNNING:

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from drivers import base as drv
 from migrations_app import events
-from migrations_app.choices import AuditAction, AuditOutcome, MigrationKind, Phase, RequestStatus
+from migrations_app.choices import TERMINAL, AuditAction, AuditOutcome, MigrationKind, Phase, RequestStatus
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
 from migrations_app.services.audit import audit_record
 from migrations_app.services.requests import notify_request_changed, set_status
@@ -144,11 +144,14 @@ class _Outcome:
 def _claim(run_id: int, worker: str) -> MigrationRun | None:
     """Take ownership of a queued run; None when it is not queued (cancelled, already claimed)."""
     with transaction.atomic():
-        run = MigrationRun.objects.select_for_update(of=("self",)).filter(pk=run_id).first()
-        if run is None:
+        # Lock order everywhere: the request, then its run (cancel and finish take them so too).
+        request = (
+            MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").filter(run__pk=run_id).first()
+        )
+        if request is None:
             log.warning("run %s does not exist; dropping the message", run_id)
             return None
-        request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(pk=run.request_id)
+        run = MigrationRun.objects.select_for_update(of=("self",)).get(pk=run_id)
         if request.status != S.QUEUED:
             log.info("run %s is %s, not queued; not starting it", run_id, request.status)
             return None
@@ -234,17 +237,27 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
             item = None
         if item is _FINISHED:
             break
-        if item is not None:
-            recorder.offer(item)
-        if time.monotonic() >= next_beat:
-            recorder.flush()
-            recorder.status = _heartbeat(run)
-            if recorder.status == S.CANCELLING and not cancel.is_set():
-                log.info("run %s: cancel requested, aborting", run.pk)
-                cancel.set()
-            next_beat = time.monotonic() + heartbeat_s
+        try:
+            if item is not None:
+                recorder.offer(item)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + heartbeat_s
+                recorder.flush()
+                recorder.status = _heartbeat(run)
+                if recorder.status in (S.CANCELLING, *TERMINAL) and not cancel.is_set():
+                    # Cancel asked, or the run was settled without us (judged lost): stop the move.
+                    log.info("run %s is %s: aborting the hypervisor job", run.pk, recorder.status)
+                    cancel.set()
+        except DatabaseError as exc:
+            # Keep supervising the driver (cancel and timeout still work); record again next beat.
+            log.warning("run %s: database unavailable while recording progress: %s", run.pk, exc)
+            close_old_connections()
     thread.join()
-    recorder.flush()
+    try:
+        recorder.flush()
+    except DatabaseError as exc:
+        log.warning("run %s: last progress not recorded: %s", run.pk, exc)
+        close_old_connections()
     return outcome
 
 
@@ -323,13 +336,19 @@ def _apply_placement(run: MigrationRun, placement: drv.Placement) -> None:
         disk.save(update_fields=["datastore"])
 
 
-def migration_run_finish(*, run: MigrationRun, outcome: _Outcome) -> None:
-    """Write the run's true outcome, the VM's new placement and the audit entry, in one transaction."""
+def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by: str = "") -> bool:
+    """Write the run's true outcome, the VM's new placement and the audit entry, in one transaction.
+    Returns False (and changes nothing) when the run was already settled. ``reconciled_by`` names
+    the reconciliation that settles a run whose worker was lost; it is audited in the same transaction."""
     with transaction.atomic():
         request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm__host", "vm__connection").get(
             pk=run.request_id
         )
         run = MigrationRun.objects.select_for_update(of=("self",)).get(pk=run.pk)
+        if request.status not in (S.RUNNING, S.CANCELLING):
+            # Settled meanwhile (the reconciler judged the worker lost): the first outcome stands.
+            log.warning("run %s is already %s; outcome %r not recorded", run.pk, request.status, outcome)
+            return False
         run.request = request
         now = timezone.now()
         before = request.vm.placement_snapshot()
@@ -337,7 +356,8 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome) -> None:
         error = outcome.error
         if outcome.result is not None:
             try:
-                _apply_placement(run, outcome.result.placement)
+                with transaction.atomic():  # a savepoint: all of the placement or none of it
+                    _apply_placement(run, outcome.result.placement)
             except (Host.DoesNotExist, KeyError) as exc:
                 error = exc
                 outcome.traceback = (
@@ -383,7 +403,11 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome) -> None:
             data={"downtime_ms": run.downtime_ms, "worker": run.worker},
         )
         append_run_event(run, status=target, message=run.explanation)
+        if reconciled_by:
+            audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=request, task_id=run.task_id,
+                         reason=reconciled_by)
         notify_request_changed(request)
+    return True
 
 
 def _placement_text(snapshot: dict) -> str:

@@ -33,7 +33,12 @@
       try { msg = JSON.parse(e.data); } catch (_) { return; }
       handlers.forEach((h) => h(msg));
     });
-    socket.addEventListener("close", () => {
+    socket.addEventListener("close", (e) => {
+      if (e.code === 4401) {  // the session ended: log in again instead of retrying forever
+        setState("○ logged out", "off");
+        location.assign("/login/?next=" + encodeURIComponent(location.pathname));
+        return;
+      }
       setState("○ reconnecting", "off");
       setTimeout(connect, backoff);
       backoff = Math.min(backoff * 2, 10000);

@@ -122,3 +122,20 @@ def test_a_guest_that_never_converges_hits_its_budget_and_stays(kvm, users, sett
     assert "in time" in run.explanation and 5 < time.monotonic() - started < 60
     assert lab.independent_placement(vm.ref).host_ref == source == portal_placement(vm)[0]
     assert lab.ticks(vm.ref) > ticks and lab.guest_alive(vm.ref)
+
+
+def test_a_live_migration_that_copies_host_local_disks_through_the_portal(kvm, users):
+    lab, connect = kvm
+    conn = connect()
+    vm = VirtualMachine.objects.get(connection=conn, name="db-1")  # its disk is on its host's own pool
+    choice = next(c for c in host_choices(vm) if c.valid)
+    ticks = lab.ticks(vm.ref)
+    run = approve(users, vm, target_host=choice.obj)
+    migration_run_execute(run_id=run.pk, worker="test-worker")
+    run.refresh_from_db()
+    assert run.request.status == S.SUCCEEDED, run.explanation
+    truth = lab.independent_placement(vm.ref)
+    assert truth.host_ref == choice.obj.ref
+    assert portal_placement(vm) == (truth.host_ref, set(truth.disk_datastores.values()))
+    assert lab.ticks(vm.ref) > ticks and lab.guest_alive(vm.ref)
+    assert run.downtime_ms is not None
