@@ -25,10 +25,15 @@ def key_from(env_var: str, filename: str, generate: Callable[[], bytes]) -> byte
         return key
     path = settings.DATA_DIR / filename
     if not path.exists():
-        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(generate())
+        # Written under a private name, then linked into place: readers never see it half-written,
+        # and if another process linked its key first, both use that one.
+        tmp = path.with_name(f".{filename}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(generate())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        tmp.unlink()
     return path.read_bytes().strip()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -53,7 +54,10 @@ def inventory(request):
     vms = selectors.vm_search(request.user, text=f.get("q", "").strip(), cluster_id=f.get("cluster", ""),
                               host_id=f.get("host", ""), power=f.get("power", ""), tag=f.get("tag", "").strip())
     page = Paginator(vms, 50).get_page(f.get("page"))
+    query = f.copy()
+    query.pop("page", None)
     context = {
+        "query": query.urlencode(),
         "page": page,
         "clusters": Cluster.objects.select_related("datacenter").order_by("name"),
         "hosts": Host.objects.filter(present=True).order_by("name"),
@@ -265,29 +269,57 @@ EXPORT_FIELDS = ("id", "created_at", "actor_name", "action", "outcome", "object_
 
 @login_required
 @require_GET
-def audit_export(request, fmt: str):
-    """The filtered audit entries as CSV or JSON, streamed row by row (never built in memory)."""
-    _, entries = _audit_filtered(request)
-    rows = entries.order_by("id").values_list(*EXPORT_FIELDS).iterator(chunk_size=2000)
+async def audit_export(request, fmt: str):
+    """The filtered audit entries as CSV or JSON, streamed row by row (never built in memory).
+
+    An async view with an async row source: under ASGI, Django would read a synchronous streaming
+    iterator to its end before sending anything."""
+    _, entries = await sync_to_async(_audit_filtered)(request)
+    rows = _keyset_rows(entries.values_list(*EXPORT_FIELDS))
     if fmt == "csv":
         writer = csv.writer(_Echo())
 
-        def lines():
+        async def content():
             yield writer.writerow(EXPORT_FIELDS)
-            for row in rows:
-                yield writer.writerow([json.dumps(v) if isinstance(v, dict | list) else v for v in row])
+            async for row in rows:
+                yield writer.writerow([_csv_cell(v) for v in row])
 
-        response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
+        content_type = "text/csv; charset=utf-8"
     else:
-        def chunks():
+        async def content():
             yield "["
-            for i, row in enumerate(rows):
-                yield ("," if i else "") + json.dumps(dict(zip(EXPORT_FIELDS, row, strict=True)), default=str)
+            first = True
+            async for row in rows:
+                yield ("" if first else ",") + json.dumps(dict(zip(EXPORT_FIELDS, row, strict=True)), default=str)
+                first = False
             yield "]"
 
-        response = StreamingHttpResponse(chunks(), content_type="application/json")
+        content_type = "application/json"
+    response = StreamingHttpResponse(content(), content_type=content_type)
     response["Content-Disposition"] = f'attachment; filename="audit-log.{fmt}"'
     return response
+
+
+async def _keyset_rows(rows, chunk: int = 2000):
+    """Rows in id order, fetched a chunk at a time by id (each chunk one short query, no cursor
+    held open while the client reads)."""
+    last_id = 0
+    while True:
+        batch = await sync_to_async(list)(rows.filter(id__gt=last_id).order_by("id")[:chunk])
+        for row in batch:
+            yield row
+        if len(batch) < chunk:
+            return
+        last_id = batch[-1][0]
+
+
+def _csv_cell(value):
+    """JSON for structures; text that a spreadsheet would run as a formula is quoted."""
+    if isinstance(value, dict | list):
+        value = json.dumps(value)
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        return "'" + value
+    return value
 
 
 class _Echo:

@@ -66,6 +66,8 @@ def inventory_sync(*, connection: HypervisorConnection, actor=None) -> dict:
                          object_type="connection", object_id=str(connection.pk), reason=exc.explanation())
         raise
     with transaction.atomic():
+        # One sync per connection at a time (beat and "Sync now" may overlap): the second waits here.
+        HypervisorConnection.objects.select_for_update().filter(pk=connection.pk).first()
         counts = _mirror(connection, inv)
         connection.last_sync_at = timezone.now()
         connection.last_sync_error = ""

@@ -89,6 +89,7 @@ def migration_run_enqueue(*, request: MigrationRequest, actor) -> MigrationRun:
     run = MigrationRun.objects.create(
         request=request,
         worker_task_id=str(uuid.uuid4()),
+        dispatched_at=timezone.now(),
         timeout_s=completion_budget_s(memory_bytes=request.vm.memory_bytes, disk_bytes=request.vm.disk_bytes,
                                       kind=request.kind),
     )
@@ -101,12 +102,15 @@ def migration_run_enqueue(*, request: MigrationRequest, actor) -> MigrationRun:
     return run
 
 
-def migration_run_redispatch_stale(*, older_than_s: float = 60.0) -> int:
-    """Re-send queued runs whose message may have been lost (broker restarted). Returns the count."""
-    cutoff = timezone.now() - timedelta(seconds=older_than_s)
-    stale = MigrationRun.objects.filter(request__status=S.QUEUED, queued_at__lt=cutoff, started_at__isnull=True)
+def migration_run_redispatch_stale(*, older_than_s: float = 300.0) -> int:
+    """Re-send queued runs whose message may have been lost (broker restarted), at most once per
+    ``older_than_s`` each, so a long queue behind busy workers does not grow copies. Returns the count."""
+    now = timezone.now()
+    stale = MigrationRun.objects.filter(
+        request__status=S.QUEUED, started_at__isnull=True, dispatched_at__lt=now - timedelta(seconds=older_than_s))
     count = 0
     for run_id, task_id in stale.values_list("pk", "worker_task_id"):
+        MigrationRun.objects.filter(pk=run_id).update(dispatched_at=now)
         dispatch(run_id, task_id)
         count += 1
     return count

@@ -189,3 +189,20 @@ def test_concurrent_approvals_give_exactly_one_transition(datacenter, users):
     assert sorted(outcomes)[0] == "ok" and outcomes.count("ok") == 1, outcomes
     assert MigrationRun.objects.filter(request=mr).count() == 1
     assert AuditEntry.objects.filter(request=mr, action=AuditAction.REQUEST_APPROVED, outcome="success").count() == 1
+
+
+@pytest.mark.django_db
+def test_a_lost_queue_message_is_sent_again_but_not_every_pass(datacenter, users, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from migrations_app.services import runs as run_services
+
+    sent = []
+    monkeypatch.setattr(run_services, "dispatch", lambda run_id, task_id: sent.append(run_id))
+    run = approved_run(users["alice"], users["erin"], running_vm(datacenter))
+    assert run_services.migration_run_redispatch_stale(older_than_s=300) == 0  # just sent
+    MigrationRun.objects.filter(pk=run.pk).update(dispatched_at=timezone.now() - timedelta(minutes=6))
+    assert run_services.migration_run_redispatch_stale(older_than_s=300) == 1 and sent == [run.pk]
+    assert run_services.migration_run_redispatch_stale(older_than_s=300) == 0  # not again right away

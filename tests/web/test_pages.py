@@ -209,11 +209,35 @@ def test_audit_export_streams_the_filtered_entries_as_csv_and_json(users, datace
     vm = running_vm(datacenter)
     svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
                                  target_host=other_host_same_cluster(vm), reason="export me")
+    from asgiref.sync import async_to_sync
+
+    async def body(response) -> bytes:
+        return b"".join([chunk async for chunk in response.streaming_content])
+
     dave = client_for(users["dave"])
     response = dave.get("/audit/export.csv", {"action": "request.submitted"})
-    assert response.streaming and response["Content-Type"].startswith("text/csv")
-    lines = b"".join(response.streaming_content).decode().splitlines()
+    assert response.streaming and response.is_async and response["Content-Type"].startswith("text/csv")
+    lines = async_to_sync(body)(response).decode().splitlines()
     assert lines[0].startswith("id,created_at,actor_name,action") and len(lines) == 2 and "export me" in lines[1]
-    rows = json.loads(b"".join(dave.get("/audit/export.json", {"actor": "alice"}).streaming_content))
+    rows = json.loads(async_to_sync(body)(dave.get("/audit/export.json", {"actor": "alice"})))
     assert [r["action"] for r in rows] == ["request.submitted"] and rows[0]["entry_hash"]
     assert client_for(users["alice"]).get("/audit/export.csv").status_code == 403
+
+
+def test_export_rows_are_fetched_in_id_chunks_without_gaps(db):
+    from asgiref.sync import async_to_sync
+    from django.db import transaction
+
+    from migrations_app.choices import AuditAction
+    from migrations_app.services.audit import audit_record
+    from migrations_app.views import _keyset_rows
+
+    for i in range(5):
+        with transaction.atomic():
+            audit_record(actor=None, action=AuditAction.INVENTORY_SYNCED, object_type="connection", object_id=str(i))
+
+    async def collect():
+        return [row async for row in _keyset_rows(AuditEntry.objects.values_list("id", "object_id"), chunk=2)]
+
+    rows = async_to_sync(collect)()
+    assert [r[1] for r in rows] == ["0", "1", "2", "3", "4"]
