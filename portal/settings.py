@@ -26,6 +26,7 @@ if TESTING:
         "PORTAL_HEARTBEAT_S": "0.2",
         "PORTAL_PROGRESS_INTERVAL_S": "0.05",
         "SECRET_KEY": "test-only-secret-key-" + "t" * 30,
+        "DEBUG": "1",  # development settings (no HTTPS redirect); Django's test runner still runs with DEBUG off
     }.items():
         os.environ.setdefault(_key, _value)
 DATA_DIR = Path(os.environ.get("PORTAL_DATA_DIR", BASE_DIR / "var"))
@@ -70,6 +71,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "portal.middleware.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -118,6 +120,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # -- Redis: Celery broker and the channel layer --------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Shared by every process (login throttling counts failures across web servers).
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    if TESTING
+    else {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "portal"}
+}
 if os.environ.get("CHANNEL_LAYER") == "memory":  # single-process tests only
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 else:
@@ -157,6 +165,10 @@ PORTAL = {
     # Completion budget per GiB of memory + copied disk (Nova's live_migration_completion_timeout).
     "TIMEOUT_S_PER_GIB": float(os.environ.get("PORTAL_TIMEOUT_S_PER_GIB", "800")),
     "TIMEOUT_MIN_S": 120.0,
+    # Login throttling: this many failures for one user name (or one address) lock it out for
+    # LOGIN_LOCKOUT_S seconds.
+    "LOGIN_MAX_FAILURES": int(os.environ.get("PORTAL_LOGIN_MAX_FAILURES", "5")),
+    "LOGIN_LOCKOUT_S": int(os.environ.get("PORTAL_LOGIN_LOCKOUT_S", "900")),
     # Pending requests expire after this many hours without a decision.
     "PENDING_EXPIRY_HOURS": float(os.environ.get("PORTAL_PENDING_EXPIRY_HOURS", "72")),
 }
@@ -180,6 +192,16 @@ STATIC_ROOT = DATA_DIR / "staticfiles"
 STATIC_ROOT.mkdir(exist_ok=True)
 WHITENOISE_USE_FINDERS = DEBUG  # production runs collectstatic; the demo serves straight from the apps
 
+# Behind TLS (every deployment that is not the local demo): secure cookies, HSTS, HTTPS redirect.
+# PORTAL_TLS_PROXY=1 when a reverse proxy terminates TLS and sets X-Forwarded-Proto.
+if not DEBUG:
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", True)
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", str(365 * 24 * 3600)))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+    if env_bool("PORTAL_TLS_PROXY", False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_AGE = int(os.environ.get("SESSION_COOKIE_AGE", str(8 * 3600)))  # one working day
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the page, not the cookie
 X_FRAME_OPTIONS = "DENY"

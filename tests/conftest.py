@@ -32,6 +32,9 @@ def _simulator_state(tmp_path, settings):
     settings.PORTAL = {**settings.PORTAL, "SIMULATOR_STATE_DIR": str(tmp_path / "sim")}
     # Real hashing costs ~0.3 s a user; tests log in as many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    from django.core.cache import cache
+
+    cache.clear()  # login failure counts belong to one test
 
 
 def make_user(username: str, *roles: Role, teams: tuple[str, ...] = ()) -> User:

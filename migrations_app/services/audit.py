@@ -97,7 +97,8 @@ def audit_denied(*, actor, action: AuditAction, reason: str, request: MigrationR
         )
 
 
-def audit_session(*, action: AuditAction, user=None, username: str = "", ip: str | None = None) -> None:
+def audit_session(*, action: AuditAction, user=None, username: str = "", ip: str | None = None,
+                  reason: str = "") -> None:
     """Record a login, a failed login (``user`` None, ``username`` as typed) or a logout."""
     failed = action == AuditAction.USER_LOGIN_FAILED
     with transaction.atomic():
@@ -106,6 +107,7 @@ def audit_session(*, action: AuditAction, user=None, username: str = "", ip: str
             outcome=AuditOutcome.FAILURE if failed else AuditOutcome.SUCCESS,
             data={"username": username[:150]} if failed else {},
             actor_name=f"unknown:{username[:140]}" if failed else "",
+            reason=reason,
         )
 
 

@@ -151,5 +151,35 @@
     subscribe(() => ({ action: "subscribe", stream: stream }));
   }
 
+  // Bars are sized by script: a CSP without 'unsafe-inline' ignores style attributes.
+  function sizeBars() {
+    document.querySelectorAll(".bar[data-percent]").forEach((bar) => { bar.style.width = bar.dataset.percent + "%"; });
+  }
+
+  // The Migrate form shows only the targets the chosen kind of move needs.
+  function migrateForm() {
+    const form = document.getElementById("migrate-form");
+    if (!form) return;
+    const sync = () => {
+      const kind = form.querySelector("input[name=kind]:checked")?.value || "compute";
+      document.getElementById("host-field").hidden = kind === "storage";
+      document.getElementById("datastore-field").hidden = kind === "compute";
+    };
+    form.addEventListener("change", sync);
+    sync();
+  }
+
+  // Pages say what they watch in data attributes on <body>; no inline script is needed.
+  document.addEventListener("DOMContentLoaded", () => {
+    const body = document.body;
+    sizeBars();
+    migrateForm();
+    body.addEventListener("htmx:afterSwap", sizeBars);
+    if (body.dataset.live !== "on") return;
+    connect();
+    if (body.dataset.watchRequest) watchRequestPage(parseInt(body.dataset.watchRequest, 10));
+    if (body.dataset.watchRequests) watchRequests(body.dataset.watchRequests);
+  });
+
   window.PortalLive = { start: connect, subscribe, on, watchRequestPage, watchRequests };
 })();

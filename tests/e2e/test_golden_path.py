@@ -87,6 +87,7 @@ def test_request_approve_watch_live_and_audit(login, live_portal, demo_world):
     assert status == "Succeeded", (status, percents[-5:])
     assert alice.evaluate("window.__notReloaded") is True
     assert percents[-1] == 100.0
+    assert alice.evaluate("document.getElementById('run-bar').style.width") == "100%"
     assert any(0 < p < 100 for p in percents), "no intermediate progress was shown"
     assert percents == sorted(percents), "progress went backwards on the page"
     assert "memory_precopy" in seen or "switchover" in seen

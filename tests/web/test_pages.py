@@ -241,3 +241,32 @@ def test_export_rows_are_fetched_in_id_chunks_without_gaps(db):
 
     rows = async_to_sync(collect)()
     assert [r[1] for r in rows] == ["0", "1", "2", "3", "4"]
+
+
+def test_repeated_failed_logins_lock_the_user_name_out(users, settings):
+    settings.PORTAL = {**settings.PORTAL, "LOGIN_MAX_FAILURES": 3}
+    client = Client()
+    for _ in range(3):
+        assert client.post("/login/", {"username": "alice", "password": "guess"}).status_code == 200
+    locked = client.post("/login/", {"username": "alice", "password": "pw-alice"})  # even the right one
+    assert locked.status_code == 429 and b"Too many failed logins" in locked.content
+    assert AuditEntry.objects.filter(reason__contains="locked out", actor_name="unknown:alice").exists()
+
+
+def test_pages_carry_a_strict_content_security_policy(users):
+    response = client_for(users["alice"]).get("/requests/")
+    csp = response["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert b"<script>" not in response.content  # no inline script for the policy to block
+
+
+def test_production_settings_pass_the_deployment_checklist(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DEBUG": "0", "SECRET_KEY": "k" * 20 + "-prod-like-secret-" + "q" * 30,
+           "ALLOWED_HOSTS": "portal.example.com", "PORTAL_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
