@@ -1,0 +1,138 @@
+"""One authorization matrix: every page, API endpoint and websocket subscription, against every role
+and against another user's object. No cell may succeed where the matrix says no."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.test import Client
+
+from migrations_app.choices import TERMINAL
+from migrations_app.models import MigrationRequest, MigrationRun
+from migrations_app.services import requests as svc
+from tests.conftest import other_host_same_cluster, running_vm
+
+pytestmark = pytest.mark.django_db
+
+ROLES = ("anonymous", "alice", "mallory", "erin", "dave", "carol")  # owner, stranger, approver, auditor, admin
+EVERYONE = set(ROLES) - {"anonymous"}
+
+
+def client(users, role) -> Client:
+    c = Client()
+    if role != "anonymous":
+        c.force_login(users[role])
+    return c
+
+
+@pytest.fixture
+def world(users, datacenter):
+    vm = running_vm(datacenter)  # owned by team-web: alice's team, not mallory's
+    mr = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
+                                      target_host=other_host_same_cluster(vm), reason="matrix")
+    return {"vm": vm, "mr": mr}
+
+
+# (url template, roles that may read it)
+READS = [
+    ("/inventory/", EVERYONE),
+    ("/requests/", EVERYONE),
+    ("/vms/{vm}/", {"alice", "erin", "dave", "carol"}),
+    ("/vms/{vm}/migrate/", {"alice", "carol"}),
+    ("/vms/{vm}/migrate/datastores/", {"alice", "erin", "dave", "carol"}),
+    ("/requests/{mr}/", {"alice", "erin", "dave", "carol"}),
+    ("/approvals/", {"erin", "carol"}),
+    ("/audit/", {"dave", "carol"}),
+    ("/audit/export.json", {"dave", "carol"}),
+    ("/api/requests/", EVERYONE),
+    ("/api/requests/{mr}/", {"alice", "erin", "dave", "carol"}),
+]
+
+
+@pytest.mark.parametrize("url, allowed", READS, ids=[r[0] for r in READS])
+def test_every_read_against_every_role(users, world, url, allowed):
+    path = url.format(vm=world["vm"].pk, mr=world["mr"].pk)
+    for role in ROLES:
+        response = client(users, role).get(path)
+        if role in allowed:
+            assert response.status_code == 200, (role, path, response.status_code)
+        else:
+            assert response.status_code in (302, 401, 403, 404), (role, path, response.status_code)
+            if response.status_code == 302:
+                assert response["Location"].startswith("/login/"), (role, path)
+
+
+# (action, roles that may do it to alice's pending request)
+WRITES = [
+    ("approve", {"erin", "carol"}),
+    ("reject", {"erin", "carol"}),
+    ("cancel", {"alice", "carol"}),
+]
+
+
+@pytest.mark.parametrize("action, allowed", WRITES, ids=[w[0] for w in WRITES])
+@pytest.mark.parametrize("via", ["page", "api"])
+def test_every_decision_against_every_role(users, datacenter, action, allowed, via):
+    vm = running_vm(datacenter)
+    for role in ROLES:
+        # Setup only: retire the previous round's request so the VM can be requested again.
+        MigrationRequest.objects.filter(vm=vm).exclude(status__in=TERMINAL).update(status="cancelled")
+        mr = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
+                                          target_host=other_host_same_cluster(vm), reason="matrix")
+        c = client(users, role)
+        if via == "page":
+            c.post(f"/requests/{mr.pk}/{action}/", {"reason": "because", "comment": "ok"})
+        else:
+            c.post(f"/api/requests/{mr.pk}/{action}/", data=json.dumps({"reason": "because"}),
+                   content_type="application/json")
+        mr.refresh_from_db()
+        changed = mr.status != "pending_approval"
+        assert changed == (role in allowed), (role, action, via, mr.status)
+
+
+def test_submitting_for_someone_elses_vm_is_refused_on_every_path(users, world):
+    vm = world["vm"]
+    MigrationRequest.objects.filter(pk=world["mr"].pk).update(status="cancelled")
+    target = other_host_same_cluster(vm)
+    for role in ("anonymous", "mallory", "erin", "dave"):
+        c = client(users, role)
+        c.post(f"/vms/{vm.pk}/migrate/", {"kind": "compute", "target_host": target.pk, "reason": "x",
+                                          "start_mode": "now"})
+        c.post("/api/requests/", data=json.dumps({"vm_id": vm.pk, "target_host_id": target.pk, "reason": "x"}),
+               content_type="application/json")
+        assert not MigrationRequest.objects.filter(vm=vm, requester__username=role).exists(), role
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_websocket_subscription_against_every_role(users, datacenter):
+    from tests.consumers.test_live import connect, db, make_run
+
+    run = db(make_run)
+    run = async_to_sync(run)(users, datacenter)
+    streams = {
+        ("run", run.pk): {"alice", "erin", "dave", "carol"},
+        ("request", run.request_id): {"alice", "erin", "dave", "carol"},
+        ("approvals", None): {"erin", "carol"},
+        ("my-requests", None): EVERYONE,
+    }
+
+    async def check():
+        for role in ROLES:
+            comm, connected, _ = await connect(None if role == "anonymous" else users[role])
+            if role == "anonymous":
+                assert not connected
+                continue
+            for (stream, obj_id), allowed in streams.items():
+                await comm.send_json_to({"action": "subscribe", "stream": stream, "id": obj_id, "after": 0})
+                reply = await comm.receive_json_from()
+                got = reply["type"] == "subscribed"
+                assert got == (role in allowed), (role, stream, reply)
+                # drain the backlog a run subscription sends after "subscribed"
+                while await comm.receive_nothing(timeout=0.05) is False:
+                    await comm.receive_json_from()
+            await comm.disconnect()
+
+    async_to_sync(check)()
+    assert MigrationRun.objects.filter(pk=run.pk).exists()
