@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.admin import GroupAdmin, UserAdmin
+from django.contrib.auth.models import Group, User
 
 from drivers.base import DriverError
 from migrations_app.models import (
@@ -22,6 +24,7 @@ from migrations_app.models import (
     Network,
     VirtualMachine,
 )
+from migrations_app.services.audit import audit_config_change, config_delete, snapshot
 from migrations_app.services.inventory import driver_for, inventory_sync
 
 
@@ -37,6 +40,29 @@ class HypervisorConnectionForm(forms.ModelForm):
                   "enabled"]
 
 
+class AuditedAdmin(admin.ModelAdmin):
+    """Every add, change and delete made in the admin lands in the audit log, in the admin's own
+    transaction (Django wraps each change form in one), after the many-to-many fields are saved."""
+
+    audit_fields: tuple[str, ...] = ()
+
+    def save_model(self, request, obj, form, change):
+        request._audit_before = snapshot(type(obj).objects.get(pk=obj.pk), self.audit_fields) if change else {}
+        super().save_model(request, obj, form, change)
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        audit_config_change(actor=request.user, obj=form.instance, before=getattr(request, "_audit_before", {}),
+                            fields=self.audit_fields, ip=request.META.get("REMOTE_ADDR"))
+
+    def delete_model(self, request, obj):
+        config_delete(actor=request.user, obj=obj, fields=self.audit_fields, ip=request.META.get("REMOTE_ADDR"))
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            self.delete_model(request, obj)
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False
@@ -49,7 +75,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(HypervisorConnection)
-class HypervisorConnectionAdmin(admin.ModelAdmin):
+class HypervisorConnectionAdmin(AuditedAdmin):
+    audit_fields = ("name", "kind", "url", "username", "password_encrypted", "verify_tls", "ca_bundle", "is_lab",
+                    "options", "enabled")
     list_display = ("name", "kind", "url", "enabled", "last_sync_at", "last_sync_error")
     actions = ["test_connection", "sync_now"]
 
@@ -116,3 +144,18 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     list_display = ("id", "created_at", "actor_name", "action", "outcome", "vm_name", "ip")
     list_filter = ("action", "outcome")
     search_fields = ("actor_name", "vm_name", "reason")
+
+
+# Roles are groups: who may approve or audit is configuration, and changes to it are audited too.
+admin.site.unregister(User)
+admin.site.unregister(Group)
+
+
+@admin.register(User)
+class AuditedUserAdmin(AuditedAdmin, UserAdmin):
+    audit_fields = ("username", "email", "is_active", "is_staff", "is_superuser", "groups", "password")
+
+
+@admin.register(Group)
+class AuditedGroupAdmin(AuditedAdmin, GroupAdmin):
+    audit_fields = ("name", "permissions")

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from functools import lru_cache
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 
 PREFIX = "fernet:"
@@ -55,3 +55,26 @@ def decrypt(stored: str) -> str:
         return _fernet().decrypt(stored[len(PREFIX):].encode()).decode()
     except InvalidToken:
         raise ValueError("the stored secret cannot be decrypted with the current field key") from None
+
+
+def rotate_token(stored: str, new_key: bytes) -> str:
+    """The same secret encrypted under ``new_key`` (read with the current key)."""
+    if not stored:
+        return ""
+    return PREFIX + MultiFernet([Fernet(new_key), _fernet()]).rotate(stored[len(PREFIX):].encode()).decode()
+
+
+def install_key(new_key: bytes) -> bool:
+    """Make ``new_key`` the current key. True when it was written to the key file; False when the
+    key comes from PORTAL_FIELD_KEY, which the operator then changes."""
+    _fernet.cache_clear()
+    if os.environ.get("PORTAL_FIELD_KEY"):
+        return False
+    path = settings.DATA_DIR / "field.key"
+    tmp = path.with_name(f".field.key.{os.getpid()}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(new_key)
+    os.replace(tmp, path)
+    _fernet.cache_clear()
+    return True

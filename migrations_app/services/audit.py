@@ -143,3 +143,43 @@ def audit_verify_chain() -> audit_chain.Verdict:
     except FileNotFoundError:
         checkpoints = []
     return audit_chain.verify(rows.iterator(chunk_size=2000), checkpoints, _checkpoint_key())
+
+
+# -- configuration changes made by admins ----------------------------------------------------------
+
+SECRET_FIELDS = frozenset({"password", "password_encrypted"})
+
+
+def snapshot(obj, fields) -> dict:
+    """Field values of a configuration object for the audit entry; secrets only say whether set."""
+    out = {}
+    for name in fields:
+        value = getattr(obj, name, None)
+        if name in SECRET_FIELDS:
+            out[name] = "(set)" if value else "(empty)"
+        elif hasattr(value, "all"):  # many-to-many
+            out[name] = sorted(str(v) for v in value.all())
+        else:
+            out[name] = value if isinstance(value, str | int | float | bool | dict | list | type(None)) else str(value)
+    return out
+
+
+def audit_config_change(*, actor, obj, before: dict, fields, ip: str | None = None) -> None:
+    """Audit an admin's change to a configuration object (before/after of the changed fields,
+    secrets redacted). Called inside the transaction that saved it."""
+    after = snapshot(obj, fields)
+    changed = sorted(k for k in after if before.get(k) != after.get(k))
+    if before and not changed:
+        return
+    audit_record(actor=actor, action=AuditAction.CONFIG_CHANGED, object_type=obj._meta.model_name,
+                 object_id=str(obj.pk), ip=ip, before={k: before.get(k) for k in changed},
+                 after={k: after[k] for k in changed}, reason=f"{obj._meta.verbose_name} {obj}")
+
+
+def config_delete(*, actor, obj, fields, ip: str | None = None) -> None:
+    with transaction.atomic():
+        before = snapshot(obj, fields)
+        label, pk = str(obj), obj.pk
+        obj.delete()
+        audit_record(actor=actor, action=AuditAction.CONFIG_DELETED, object_type=obj._meta.model_name,
+                     object_id=str(pk), ip=ip, before=before, reason=f"{obj._meta.verbose_name} {label}")

@@ -270,3 +270,43 @@ def test_production_settings_pass_the_deployment_checklist(tmp_path):
     result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rotating_the_field_key_keeps_every_password_readable(db, tmp_path, settings, monkeypatch):
+    from django.core.management import call_command
+
+    from migrations_app import secrets
+
+    monkeypatch.delenv("PORTAL_FIELD_KEY", raising=False)
+    settings.DATA_DIR = tmp_path
+    secrets._fernet.cache_clear()
+    conn = HypervisorConnection(name="vc", kind="vcenter")
+    conn.set_password("canary-before-rotation")
+    conn.save()
+    old_token, old_key = conn.password_encrypted, (tmp_path / "field.key").read_bytes()
+    call_command("rotate_field_key")
+    conn.refresh_from_db()
+    assert conn.password_encrypted != old_token and (tmp_path / "field.key").read_bytes() != old_key
+    assert conn.get_password() == "canary-before-rotation"
+    assert AuditEntry.objects.filter(action="config.key_rotated").exists()
+    secrets._fernet.cache_clear()
+
+
+def test_admin_changes_to_connections_are_audited_without_the_secret(users):
+    admin = client_for(users["carol"])
+    users["carol"].is_staff = users["carol"].is_superuser = True
+    users["carol"].save()
+    response = admin.post("/admin/migrations_app/hypervisorconnection/add/", {
+        "name": "vc-prod", "kind": "vcenter", "url": "https://vc.example/sdk", "username": "svc",
+        "password": "canary-Admin-Secret", "verify_tls": "on", "options": "{}", "enabled": "on"})
+    assert response.status_code == 302, response.content[:500]
+    entry = AuditEntry.objects.get(action="config.changed", object_type="hypervisorconnection")
+    assert entry.actor == users["carol"] and entry.after["url"] == "https://vc.example/sdk"
+    assert entry.after["password_encrypted"] == "(set)"
+    assert "canary-Admin-Secret" not in json.dumps([entry.before, entry.after, entry.reason])
+    group = users["erin"].groups.get(name="approver")
+    admin.post(f"/admin/auth/user/{users['dave'].pk}/change/", {
+        "username": "dave", "is_active": "on", "groups": [group.pk, users["dave"].groups.get().pk],
+        "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"})
+    role_change = AuditEntry.objects.filter(action="config.changed", object_type="user").last()
+    assert role_change is not None and "approver" in role_change.after["groups"]
