@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.contrib.auth.models import User
 
 from migrations_app import access, events
+from migrations_app.choices import AuditAction
 from migrations_app.models import MigrationRequest, MigrationRun
 from migrations_app.selectors import run_events_after
+from migrations_app.services.audit import audit_denied
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4096
+RECHECK_S = 5.0  # how stale a subscription's permission check may get
 MAX_SUBSCRIPTIONS = 50
 
 
@@ -38,6 +43,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await self.close(code=4401)
             return
         self.groups_joined: set[str] = set()
+        self.watching: dict[str, tuple[str, int | None, float]] = {}  # group -> (stream, id, last check)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -69,9 +75,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
                 return
             status = await self._request_status(request_id)
             if status is None:
-                await self._error("no such request, or you may not watch it", stream=stream, id=request_id)
+                await self._refuse("no such request, or you may not watch it", stream=stream, id=request_id)
                 return
-            await self._join(events.request_group(request_id))
+            await self._join(events.request_group(request_id), "request", request_id)
             # The status as of now, read after joining: a page rendered earlier compares and catches up.
             status = await self._request_status(request_id)
             await self._send({"type": "subscribed", "stream": stream, "id": request_id, "status": status})
@@ -81,9 +87,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         elif stream == "approvals":
             verdict = await database_sync_to_async(access.can_watch_approvals)(self.scope["user"])
             if not verdict:
-                await self._error(verdict.reason, stream=stream)
+                await self._refuse(verdict.reason, stream=stream)
                 return
-            await self._join(events.approvals_group())
+            await self._join(events.approvals_group(), "approvals")
             await self._send({"type": "subscribed", "stream": stream, "id": None})
         else:
             await self._error(f"unknown stream {stream!r}")
@@ -96,9 +102,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         allowed, backlog = await self._run_backlog(run_id, after)
         if not allowed:
             # Same answer for "absent" and "not yours": ids are not probed through the socket.
-            await self._error("no such run, or you may not watch it", stream="run", id=run_id)
+            await self._refuse("no such run, or you may not watch it", stream="run", id=run_id)
             return
-        await self._join(events.run_group(run_id))
+        await self._join(events.run_group(run_id), "run", run_id)
         await self._send({"type": "subscribed", "stream": "run", "id": run_id})
         # Re-read after joining: anything stored meanwhile is in this read or in a push.
         _, backlog = await self._run_backlog(run_id, after)
@@ -120,17 +126,50 @@ class LiveConsumer(AsyncWebsocketConsumer):
             return None
         return request.status
 
-    async def _join(self, group: str) -> None:
+    async def _join(self, group: str, stream: str = "", obj_id: int | None = None) -> None:
         if group not in self.groups_joined:
             await self.channel_layer.group_add(group, self.channel_name)
             self.groups_joined.add(group)
+            self.watching[group] = (stream, obj_id, time.monotonic())
 
     async def portal_event(self, message: dict) -> None:
-        """Relay a notification from the channel layer (events.emit) to the browser."""
+        """Relay a notification from the channel layer (events.emit) to the browser, re-checking the
+        subscription with the user's current rights at most every RECHECK_S seconds: a user whose
+        role or team changed stops receiving what they may no longer see."""
+        group = message.get("group", "")
+        stream, obj_id, checked = self.watching.get(group, ("", None, time.monotonic()))
+        if stream and time.monotonic() - checked > RECHECK_S:
+            if not await self._still_allowed(stream, obj_id):
+                await self.channel_layer.group_discard(group, self.channel_name)
+                self.groups_joined.discard(group)
+                self.watching.pop(group, None)
+                await self._refuse("you may no longer watch this", stream=stream, id=obj_id)
+                return
+            self.watching[group] = (stream, obj_id, time.monotonic())
         await self._send(message["payload"])
+
+    @database_sync_to_async
+    def _still_allowed(self, stream: str, obj_id: int | None) -> bool:
+        user = User.objects.filter(pk=self.scope["user"].pk, is_active=True).first()  # fresh roles
+        if user is None:
+            return False
+        if stream == "approvals":
+            return bool(access.can_watch_approvals(user))
+        if stream == "run":
+            request = MigrationRequest.objects.select_related("vm").filter(run__pk=obj_id).first()
+        else:
+            request = MigrationRequest.objects.select_related("vm").filter(pk=obj_id).first()
+        return request is not None and bool(access.can_view_request(user, request))
 
     async def _send(self, payload: dict) -> None:
         await self.send(text_data=json.dumps(payload))
+
+    async def _refuse(self, message: str, *, stream: str, id: int | None = None) -> None:
+        """An authorization refusal: audited like the pages' refusals, then told to the browser."""
+        await database_sync_to_async(audit_denied)(
+            actor=self.scope["user"], action=AuditAction.ACCESS_DENIED, reason=f"websocket {stream}: {message}",
+            ip=(self.scope.get("client") or [None])[0], object_type=f"stream:{stream}", object_id=str(id or ""))
+        await self._error(message, stream=stream, id=id)
 
     async def _error(self, message: str, **extra) -> None:
         await self._send({"type": "error", "message": message, **extra})

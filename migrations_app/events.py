@@ -62,6 +62,6 @@ def emit(group: str, payload: dict) -> None:
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(group, {"type": RELAY_TYPE, "payload": payload})
+        async_to_sync(layer.group_send)(group, {"type": RELAY_TYPE, "group": group, "payload": payload})
     except (OSError, RedisError) as exc:  # Redis down: the page catches up later
         log.warning("live push to %s failed: %s", group, exc)

@@ -168,3 +168,29 @@ async def test_a_request_subscription_reports_the_current_status(users, datacent
     await comm.send_json_to({"action": "subscribe", "stream": "request", "id": run.request_id})
     assert (await comm.receive_json_from())["type"] == "error"
     await comm.disconnect()
+
+
+async def test_a_user_who_loses_the_right_stops_receiving_and_it_is_audited(users, datacenter, monkeypatch):
+    from migrations_app import consumers
+    from migrations_app.models import AuditEntry
+
+    monkeypatch.setattr(consumers, "RECHECK_S", 0.0)  # re-check on every relayed event
+    run = await db(make_run)(users, datacenter)
+    comm, _, _ = await connect(users["erin"])  # an approver may watch alice's run
+    await comm.send_json_to({"action": "subscribe", "stream": "run", "id": run.pk, "after": 99})
+    assert (await comm.receive_json_from())["type"] == "subscribed"
+
+    def demote():
+        users["erin"].groups.clear()
+
+    await db(demote)()
+    await db(migration_run_execute)(run_id=run.pk, worker="w")
+    reply = await comm.receive_json_from(timeout=5)
+    assert reply == {"type": "error", "message": "you may no longer watch this", "stream": "run", "id": run.pk}
+    assert await comm.receive_nothing(timeout=0.3)  # and nothing more of that run
+    await comm.disconnect()
+
+    def denied():
+        return AuditEntry.objects.filter(actor=users["erin"], outcome="denied", object_type="stream:run").count()
+
+    assert await db(denied)() == 1
