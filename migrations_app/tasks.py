@@ -47,7 +47,7 @@ def reconcile_stale() -> None:
 
 @shared_task(name="migrations_app.tasks.audit_checkpoint", ignore_result=True)
 def audit_checkpoint() -> None:
-    audit_services.audit_checkpoint()
+    audit_services.audit_verify_and_record()
 
 
 @shared_task(name="migrations_app.tasks.expire_stale", ignore_result=True)

@@ -15,5 +15,7 @@ urlpatterns = [
     path("requests/<int:pk>/cancel/", views.request_cancel, name="request_cancel"),
     path("approvals/", views.approvals, name="approvals"),
     path("audit/", views.audit_log, name="audit"),
+    path("audit/verify/", views.audit_verify, name="audit_verify"),
+    path("audit/<int:pk>/", views.audit_entry, name="audit_entry"),
     re_path(r"^audit/export\.(?P<fmt>csv|json)$", views.audit_export, name="audit_export"),
 ]

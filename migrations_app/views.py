@@ -18,9 +18,9 @@ from django.views.decorators.http import require_GET, require_POST
 from migrations_app import access, selectors
 from migrations_app.choices import AuditAction, AuditOutcome, Role
 from migrations_app.forms import AuditFilterForm, CommentForm, MigrateForm, RejectForm
-from migrations_app.models import Cluster, Host, MigrationRequest, VirtualMachine
+from migrations_app.models import AuditEntry, Cluster, Host, MigrationRequest, VirtualMachine
 from migrations_app.services import requests as request_services
-from migrations_app.services.audit import audit_denied
+from migrations_app.services.audit import audit_denied, audit_last_verdict, audit_verify_and_record
 from migrations_app.services.errors import ActionRefused
 
 
@@ -259,8 +259,35 @@ def audit_log(request):
     query.pop("page", None)
     return render(request, "migrations_app/audit.html", {
         "form": form, "page": page, "actions": AuditAction.choices, "outcomes": AuditOutcome.choices,
-        "query": query.urlencode(),
+        "query": query.urlencode(), "verdict": audit_last_verdict(),
     })
+
+
+@login_required
+@require_POST
+def audit_verify(request):
+    """Verify the whole chain now (auditors); the result shows on the audit page."""
+    verdict = access.can_view_audit(request.user)
+    if not verdict:
+        _deny(request, verdict)
+    result = audit_verify_and_record()
+    if result["ok"]:
+        messages.success(request, f"The audit log verifies: {result['checked']} entries.")
+    else:
+        messages.error(request, f"The audit log does NOT verify: {result['problem']}.")
+    return redirect("audit")
+
+
+@login_required
+@require_GET
+def audit_entry(request, pk: int):
+    """One entry with everything it recorded, its place in the chain and its request's story."""
+    verdict = access.can_view_audit(request.user)
+    if not verdict:
+        _deny(request, verdict)
+    entry = get_object_or_404(AuditEntry.objects.select_related("request__vm", "actor"), pk=pk)
+    related = AuditEntry.objects.filter(request=entry.request_id).order_by("id") if entry.request_id else []
+    return render(request, "migrations_app/audit_entry.html", {"entry": entry, "related": related})
 
 
 EXPORT_FIELDS = ("id", "created_at", "actor_name", "action", "outcome", "object_type", "object_id", "request_id",

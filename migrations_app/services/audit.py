@@ -183,3 +183,26 @@ def config_delete(*, actor, obj, fields, ip: str | None = None) -> None:
         obj.delete()
         audit_record(actor=actor, action=AuditAction.CONFIG_DELETED, object_type=obj._meta.model_name,
                      object_id=str(pk), ip=ip, before=before, reason=f"{obj._meta.verbose_name} {label}")
+
+
+VERDICT_CACHE_KEY = "audit:last-verdict"
+
+
+def audit_verify_and_record() -> dict:
+    """Verify the chain, remember the result for the audit page, and sign the tail if it verified
+    (a broken chain is never vouched for). Beat runs this; auditors can too, from the page."""
+    from django.core.cache import cache
+
+    verdict = audit_verify_chain()
+    result = {"ok": verdict.ok, "checked": verdict.checked, "problem": verdict.problem,
+              "first_bad_id": verdict.first_bad_id, "at": timezone.now().isoformat()}
+    cache.set(VERDICT_CACHE_KEY, result, None)
+    if verdict.ok:
+        audit_checkpoint()
+    return result
+
+
+def audit_last_verdict() -> dict | None:
+    from django.core.cache import cache
+
+    return cache.get(VERDICT_CACHE_KEY)

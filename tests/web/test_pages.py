@@ -310,3 +310,20 @@ def test_admin_changes_to_connections_are_audited_without_the_secret(users):
         "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"})
     role_change = AuditEntry.objects.filter(action="config.changed", object_type="user").last()
     assert role_change is not None and "approver" in role_change.after["groups"]
+
+
+def test_auditors_verify_the_chain_from_the_page_and_open_one_entry(users, datacenter, tmp_path, settings):
+    settings.PORTAL = {**settings.PORTAL, "AUDIT_CHECKPOINT_FILE": str(tmp_path / "cp.log")}
+    vm = running_vm(datacenter)
+    mr = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
+                                      target_host=other_host_same_cluster(vm), reason="look at me")
+    dave = client_for(users["dave"])
+    assert b"Chain not verified yet" in dave.get("/audit/").content
+    page = dave.post("/audit/verify/", follow=True).content.decode()
+    assert "The audit log verifies" in page and "Chain verified:" in page
+    assert (tmp_path / "cp.log").read_text().count("entry_hash") == 1  # the verified tail was signed
+    entry = AuditEntry.objects.get(request=mr, action="request.submitted")
+    detail = dave.get(f"/audit/{entry.pk}/").content.decode()
+    assert "look at me" in detail and entry.entry_hash in detail and f"/requests/{mr.pk}/" in detail
+    assert client_for(users["alice"]).get(f"/audit/{entry.pk}/").status_code == 403
+    assert client_for(users["alice"]).post("/audit/verify/").status_code == 403
