@@ -387,7 +387,10 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
             run.explanation = error.explanation()
         else:
             target, action = S.ERRORED, AuditAction.RUN_ERRORED
-            run.explanation = "The portal hit an internal error; the VM's placement is re-checked by the next sync."
+            run.explanation = (
+                f"The portal hit an internal error ({type(error).__name__}: {str(error)[:200]}); "
+                "the VM's placement is re-checked by the next sync."
+            )
             run.traceback = outcome.traceback or repr(error)
         set_status(request, target)
         request.save(update_fields=["status", "updated_at"])

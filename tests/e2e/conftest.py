@@ -58,6 +58,12 @@ def live_portal(transactional_db, tmp_path):
         "DEBUG": "1",
     }
     env.pop("CHANNEL_LAYER", None)
+    # The portal's processes share the credentials key, as a deployment's do.
+    from cryptography.fernet import Fernet
+
+    from migrations_app.secrets import key_from
+
+    env["PORTAL_FIELD_KEY"] = key_from("PORTAL_FIELD_KEY", "field.key", Fernet.generate_key).decode()
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
     port = _free_port()
     logs = {name: tmp_path / f"{name}.log" for name in ("web", "worker")}
@@ -77,7 +83,7 @@ def live_portal(transactional_db, tmp_path):
             if procs["worker"].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start:\n{logs['worker'].read_text()[-3000:]}")
             time.sleep(0.1)
-        yield {"url": f"http://127.0.0.1:{port}", "logs": logs, "procs": procs}
+        yield {"url": f"http://127.0.0.1:{port}", "logs": logs, "procs": procs, "redis_url": env["REDIS_URL"]}
     finally:
         for proc in procs.values():
             proc.terminate()
