@@ -15,8 +15,10 @@ from django.utils.dateparse import parse_datetime
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from migrations_app import access, events, selectors
+from migrations_app.choices import AuditAction
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.services import requests as request_services
+from migrations_app.services.audit import audit_denied
 from migrations_app.services.errors import ActionRefused
 from migrations_app.views import client_ip
 
@@ -118,8 +120,14 @@ def _datetime(value) -> datetime | None:
 
 
 def _visible(request, pk: int) -> MigrationRequest | None:
+    """The request if this user may see it; None (a 404, absent or not) otherwise, audited."""
     mr = MigrationRequest.objects.select_related("vm", "requester", "target_host", "target_datastore").filter(pk=pk).first()
-    if mr is None or not access.can_view_request(request.user, mr):
+    if mr is None:
+        return None
+    verdict = access.can_view_request(request.user, mr)
+    if not verdict:
+        audit_denied(actor=request.user, action=AuditAction.ACCESS_DENIED, reason=f"API: {verdict.reason}",
+                     request=mr, ip=client_ip(request), object_type="api", object_id=request.path[:50])
         return None
     return mr
 
@@ -160,8 +168,8 @@ request_cancel = _action(request_services.migration_request_cancel, text="reason
 @api_login_required
 @require_GET
 def run_events(request, pk: int):
-    run = MigrationRun.objects.select_related("request__vm").filter(pk=pk).first()
-    if run is None or not access.can_view_request(request.user, run.request):
+    run = MigrationRun.objects.filter(pk=pk).first()
+    if run is None or _visible(request, run.request_id) is None:
         return _error("no such run", 404)
     after = request.GET.get("after", "0")
     if not re.fullmatch(r"[0-9]{1,12}", after):

@@ -10,7 +10,7 @@ from asgiref.sync import async_to_sync
 from django.test import Client
 
 from migrations_app.choices import TERMINAL
-from migrations_app.models import MigrationRequest, MigrationRun
+from migrations_app.models import AuditEntry, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.services import requests as svc
 from tests.conftest import other_host_same_cluster, running_vm
 
@@ -32,7 +32,14 @@ def world(users, datacenter):
     vm = running_vm(datacenter)  # owned by team-web: alice's team, not mallory's
     mr = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
                                       target_host=other_host_same_cluster(vm), reason="matrix")
-    return {"vm": vm, "mr": mr}
+    other = running_vm(datacenter, exclude_tags=("sim:", "env:production"))
+    if other == vm:
+        other = VirtualMachine.objects.filter(owner_group__name="team-web", power_state="on").exclude(pk=vm.pk).first()
+    ran = svc.migration_request_submit(requester=users["alice"], vm=other, kind="compute",
+                                       target_host=other_host_same_cluster(other), reason="matrix run")
+    svc.migration_request_approve(request=ran, actor=users["erin"])
+    entry = AuditEntry.objects.filter(request=mr).first()
+    return {"vm": vm, "mr": mr, "run": MigrationRun.objects.get(request=ran), "entry": entry}
 
 
 # (url template, roles that may read it)
@@ -48,12 +55,15 @@ READS = [
     ("/audit/export.json", {"dave", "carol"}),
     ("/api/requests/", EVERYONE),
     ("/api/requests/{mr}/", {"alice", "erin", "dave", "carol"}),
+    ("/api/runs/{run}/events/", {"alice", "erin", "dave", "carol"}),
+    ("/audit/export.csv", {"dave", "carol"}),
+    ("/audit/{entry}/", {"dave", "carol"}),
 ]
 
 
 @pytest.mark.parametrize("url, allowed", READS, ids=[r[0] for r in READS])
 def test_every_read_against_every_role(users, world, url, allowed):
-    path = url.format(vm=world["vm"].pk, mr=world["mr"].pk)
+    path = url.format(vm=world["vm"].pk, mr=world["mr"].pk, run=world["run"].pk, entry=world["entry"].pk)
     for role in ROLES:
         response = client(users, role).get(path)
         if role in allowed:
@@ -90,6 +100,13 @@ def test_every_decision_against_every_role(users, datacenter, action, allowed, v
         mr.refresh_from_db()
         changed = mr.status != "pending_approval"
         assert changed == (role in allowed), (role, action, via, mr.status)
+
+
+def test_refused_reads_are_audited(users, world):
+    before = AuditEntry.objects.filter(outcome="denied").count()
+    client(users, "mallory").get(f"/api/requests/{world['mr'].pk}/")
+    client(users, "mallory").get(f"/requests/{world['mr'].pk}/")
+    assert AuditEntry.objects.filter(outcome="denied", actor=users["mallory"]).count() == before + 2
 
 
 def test_submitting_for_someone_elses_vm_is_refused_on_every_path(users, world):
