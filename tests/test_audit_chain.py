@@ -144,3 +144,17 @@ def test_tampering_behind_the_trigger_and_truncation_are_named(tmp_path, setting
         cur.execute("ALTER TABLE migrations_app_auditentry ENABLE TRIGGER migrations_app_audit_append_only")
     verdict = audit_verify_chain()
     assert not verdict.ok and "truncated" in verdict.problem and verdict.first_bad_id == ids[5]
+
+
+@pytest.mark.django_db
+def test_random_mutations_of_a_copy_of_the_real_audit_table_are_all_detected():
+    write(40)
+    rows = list(AuditEntry.objects.order_by("id").values("id", "prev_hash", "entry_hash",
+                                                         *audit_chain.CONTENT_FIELDS))
+    tail = rows[-1]
+    checkpoints = [audit_chain.sign(KEY, tail["id"], tail["entry_hash"], "t")]
+    assert audit_chain.verify(rows, checkpoints, KEY).ok
+    rnd = random.Random(7)
+    for _ in range(300):
+        copy_of_table, kind = mutate(rows, rnd)
+        assert not audit_chain.verify(copy_of_table, checkpoints, KEY).ok, kind
