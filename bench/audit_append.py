@@ -9,9 +9,7 @@ advisory lock that serializes appends, reading the tail's hash, SHA-256 over the
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -22,16 +20,9 @@ N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 
 
 def main() -> None:
-    from bench.portal_vcsim_throughput import fresh_database
+    from bench.setup import django_on_fresh_database
 
-    os.environ["DATABASE_URL"] = fresh_database()
-    os.environ.update(CHANNEL_LAYER="memory", CELERY_BROKER_URL="memory://", PORTAL_DATA_DIR=tempfile.mkdtemp())
-    os.environ.setdefault("DEBUG", "1")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-    import django
-
-    django.setup()
-    from django.core.management import call_command
+    django_on_fresh_database()
     from django.db import transaction
     from django.utils import timezone
 
@@ -39,7 +30,6 @@ def main() -> None:
     from migrations_app.models import AuditEntry
     from migrations_app.services.audit import audit_record
 
-    call_command("migrate", verbosity=0)
     fields = {"action": AuditAction.RUN_PHASE, "object_type": "migration_run", "object_id": "42",
               "reason": "phase change", "data": {"phase": "memory_precopy", "percent": 42.5},
               "before": {"host": "esx-01"}, "after": {"host": "esx-02"}, "task_id": "task-123"}

@@ -9,9 +9,7 @@ verification for scale.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -22,16 +20,9 @@ ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 300_000
 
 
 def main() -> None:
-    from bench.portal_vcsim_throughput import fresh_database
+    from bench.setup import django_on_fresh_database
 
-    os.environ["DATABASE_URL"] = fresh_database()
-    os.environ.update(CHANNEL_LAYER="memory", CELERY_BROKER_URL="memory://", PORTAL_DATA_DIR=tempfile.mkdtemp())
-    os.environ.setdefault("DEBUG", "1")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-    import django
-
-    django.setup()
-    from django.core.management import call_command
+    django_on_fresh_database()
     from django.core.paginator import Paginator
     from django.utils import timezone
 
@@ -39,7 +30,6 @@ def main() -> None:
     from migrations_app.models import AuditEntry
     from migrations_app.services.audit import audit_verify_chain
 
-    call_command("migrate", verbosity=0)
     started = time.perf_counter()
     prev, batch, base = audit_chain.GENESIS, [], timezone.now() - timedelta(days=30)
     actions = ("request.submitted", "request.approved", "run.started", "run.phase", "run.succeeded")

@@ -12,10 +12,8 @@ Uses PostgreSQL (database portal_bench, recreated) as production does.
 
 from __future__ import annotations
 
-import os
 import ssl
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,30 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 WORKERS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-ADMIN_URL = os.environ.get("BENCH_PG_ADMIN", "postgres://portal:portal@127.0.0.1:5432/portal")
-BENCH_DB = "portal_bench"
-
-
-def fresh_database() -> str:
-    import psycopg
-
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB}")
-        conn.execute(f"CREATE DATABASE {BENCH_DB}")
-    return ADMIN_URL.rsplit("/", 1)[0] + "/" + BENCH_DB
-
-
 def main() -> None:
-    os.environ["DATABASE_URL"] = fresh_database()
-    os.environ.setdefault("CHANNEL_LAYER", "memory")
-    os.environ.setdefault("CELERY_BROKER_URL", "memory://")
-    os.environ["PORTAL_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-portal-")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-    os.environ.setdefault("DEBUG", "1")
-    import django
+    from bench.setup import django_on_fresh_database
 
-    django.setup()
-    from django.core.management import call_command
+    django_on_fresh_database()
     from django.db import connection
     from pyVim.connect import Disconnect, SmartConnect
     from pyVmomi import vim
@@ -63,7 +41,6 @@ def main() -> None:
     from migrations_app.services.runs import migration_run_execute
     from tests.conftest import make_user
 
-    call_command("migrate", verbosity=0)
     hosts_per_cluster = 4
     vms_per_host = max(1, -(-N // hosts_per_cluster))
     flags = ["-dc", "1", "-cluster", "1", "-host", str(hosts_per_cluster), "-standalone", "0",
