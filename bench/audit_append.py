@@ -20,7 +20,7 @@ N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 
 
 def main() -> None:
-    from bench.setup import django_on_fresh_database
+    from bench.django_env import django_on_fresh_database
 
     django_on_fresh_database()
     from django.db import transaction

@@ -20,7 +20,7 @@ ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 300_000
 
 
 def main() -> None:
-    from bench.setup import django_on_fresh_database
+    from bench.django_env import django_on_fresh_database
 
     django_on_fresh_database()
     from django.core.paginator import Paginator

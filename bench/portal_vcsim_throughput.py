@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 WORKERS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 def main() -> None:
-    from bench.setup import django_on_fresh_database
+    from bench.django_env import django_on_fresh_database
 
     django_on_fresh_database()
     from django.db import connection
