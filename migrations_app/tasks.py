@@ -38,6 +38,7 @@ def execute_run(run_id: int) -> None:
 def dispatch_due() -> None:
     run_services.migration_request_start_due()
     run_services.migration_run_redispatch_stale()
+    run_services.dispatch_all_admissible()
 
 
 @shared_task(name="migrations_app.tasks.reconcile_stale", ignore_result=True)

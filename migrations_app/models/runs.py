@@ -30,6 +30,7 @@ class MigrationRun(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     queued_at = models.DateTimeField(auto_now_add=True)
     dispatched_at = models.DateTimeField(null=True, blank=True, help_text="Last time it was handed to the queue.")
+    wait_reason = models.CharField(max_length=300, blank=True, help_text="Why admission control holds it back.")
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)

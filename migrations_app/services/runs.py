@@ -23,7 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from drivers import base as drv
-from migrations_app import events
+from migrations_app import admission, events
 from migrations_app.choices import TERMINAL, AuditAction, AuditOutcome, MigrationKind, Phase, RequestStatus
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
 from migrations_app.services.audit import audit_record
@@ -102,6 +102,14 @@ def migration_run_enqueue(*, request: MigrationRequest, actor) -> MigrationRun:
     return run
 
 
+def dispatch_all_admissible() -> int:
+    """For every connection with queued runs, hand out those admission control lets start."""
+    connection_ids = set(
+        MigrationRun.objects.filter(request__status=S.QUEUED).values_list("request__vm__connection_id", flat=True)
+    )
+    return sum(dispatch_admissible(cid) for cid in connection_ids)
+
+
 def migration_run_redispatch_stale(*, older_than_s: float = 300.0) -> int:
     """Re-send queued runs whose message may have been lost (broker restarted), at most once per
     ``older_than_s`` each, so a long queue behind busy workers does not grow copies. Returns the count."""
@@ -145,20 +153,84 @@ class _Outcome:
     traceback: str = ""
 
 
-def _claim(run_id: int, worker: str) -> MigrationRun | None:
-    """Take ownership of a queued run; None when it is not queued (cancelled, already claimed)."""
-    with transaction.atomic():
-        # Lock order everywhere: the request, then its run (cancel and finish take them so too).
-        request = (
-            MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").filter(run__pk=run_id).first()
+def _as_move(run: MigrationRun) -> admission.Move:
+    request = run.request
+    return admission.Move(
+        id=request.pk,
+        kind=request.kind,
+        source_host=request.vm.host.name,
+        target_host=request.target_host.name if request.target_host_id else None,
+        datastores=frozenset(d.datastore.name for d in request.vm.disks.all()),
+        target_datastore=request.target_datastore.name if request.target_datastore_id else None,
+        order=run.pk,
+    )
+
+
+def admission_decision(connection) -> tuple[admission.Decision, dict[int, MigrationRun]]:
+    """Admission control over one connection's running and queued runs (queued in arrival order)."""
+    runs = list(
+        MigrationRun.objects.filter(
+            request__vm__connection=connection, request__status__in=[S.QUEUED, S.RUNNING, S.CANCELLING]
         )
-        if request is None:
+        .select_related("request__vm__host", "request__target_host", "request__target_datastore")
+        .prefetch_related("request__vm__disks__datastore")
+        .order_by("pk")
+    )
+    by_request = {r.request_id: r for r in runs}
+    running = [_as_move(r) for r in runs if r.request.status != S.QUEUED]
+    queued = [_as_move(r) for r in runs if r.request.status == S.QUEUED]
+    limits = admission.Limits.for_connection(connection.kind, connection.options)
+    return admission.admit(running, queued, limits), by_request
+
+
+def dispatch_admissible(connection_id: int) -> int:
+    """Hand the workers every queued run of this connection that admission control lets start now
+    (after a run finishes, and from the scheduler). The worker's claim decides again under lock."""
+    from migrations_app.models import HypervisorConnection
+
+    connection = HypervisorConnection.objects.get(pk=connection_id)
+    decision, by_request = admission_decision(connection)
+    now = timezone.now()
+    count = 0
+    for move in decision.admitted:
+        run = by_request[move.id]
+        # Only a run a worker held back has no message left in the queue (dispatched_at cleared);
+        # re-send those alone, so a busy worker pool never grows copies.
+        if run.wait_reason and run.dispatched_at is None:
+            MigrationRun.objects.filter(pk=run.pk).update(dispatched_at=now)
+            dispatch(run.pk, run.worker_task_id)
+            count += 1
+    return count
+
+
+def _claim(run_id: int, worker: str) -> MigrationRun | None:
+    """Take ownership of a queued run; None when it is not queued (cancelled, already claimed) or
+    when admission control makes it wait (its reason and place in line are recorded on the run)."""
+    from migrations_app.models import HypervisorConnection
+
+    with transaction.atomic():
+        target = MigrationRun.objects.filter(pk=run_id).values_list("request__vm__connection_id", flat=True).first()
+        if target is None:
             log.warning("run %s does not exist; dropping the message", run_id)
             return None
+        # One claim per connection at a time: admission sees every run that has started.
+        connection = HypervisorConnection.objects.select_for_update().get(pk=target)
+        # Lock order everywhere: the request, then its run (cancel and finish take them so too).
+        request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(run__pk=run_id)
         run = MigrationRun.objects.select_for_update(of=("self",)).get(pk=run_id)
         if request.status != S.QUEUED:
             log.info("run %s is %s, not queued; not starting it", run_id, request.status)
             return None
+        decision, _ = admission_decision(connection)
+        if request.pk in decision.waiting:
+            why = f"{decision.waiting[request.pk]} (place {decision.place[request.pk]} in line)"
+            run.dispatched_at = None  # its message is consumed: dispatch_admissible sends a new one
+            if why != run.wait_reason:
+                run.wait_reason = why
+                append_run_event(run, status=request.status, message=f"waiting: {why}")
+            run.save(update_fields=["wait_reason", "dispatched_at"])
+            return None
+        run.wait_reason = ""
         set_status(request, S.RUNNING)
         request.save(update_fields=["status", "updated_at"])
         now = timezone.now()
@@ -166,7 +238,7 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
         run.started_at = now
         run.heartbeat_at = now
         run.phase = Phase.PRECHECK
-        run.save(update_fields=["worker", "started_at", "heartbeat_at", "phase"])
+        run.save(update_fields=["worker", "started_at", "heartbeat_at", "phase", "wait_reason"])
         audit_record(actor=None, action=AuditAction.RUN_STARTED, request=request, object_type="migration_run",
                      object_id=str(run.pk), before=request.source_placement, data={"worker": worker})
         append_run_event(run, status=request.status, message=f"started by {worker}")
@@ -414,6 +486,9 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
             audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=request, task_id=run.task_id,
                          reason=reconciled_by)
         notify_request_changed(request)
+        # Its resources are free again: start what was waiting for them.
+        connection_id = request.vm.connection_id
+        transaction.on_commit(lambda: dispatch_admissible(connection_id), robust=True)
     return True
 
 

@@ -206,3 +206,39 @@ def test_a_lost_queue_message_is_sent_again_but_not_every_pass(datacenter, users
     MigrationRun.objects.filter(pk=run.pk).update(dispatched_at=timezone.now() - timedelta(minutes=6))
     assert run_services.migration_run_redispatch_stale(older_than_s=300) == 1 and sent == [run.pk]
     assert run_services.migration_run_redispatch_stale(older_than_s=300) == 0  # not again right away
+
+
+@pytest.mark.django_db
+def test_admission_control_holds_a_run_back_says_why_and_starts_it_when_room_frees(datacenter, users,
+                                                                                   monkeypatch):
+    from migrations_app.services import runs as run_services
+
+    datacenter.options = {**datacenter.options, "admission": {"host_max": 1}}  # one move per host at a time
+    datacenter.save()
+    sent = []
+    monkeypatch.setattr(run_services, "dispatch", lambda run_id, task_id: sent.append(run_id))
+    vms = [vm for vm in VirtualMachine.objects.filter(connection=datacenter, power_state="on").order_by("pk")
+           if not any(t.startswith("sim:") for t in vm.tags)]
+    first_vm = next(v for v in vms if any(w.host_id == v.host_id for w in vms if w != v))
+    second_vm = next(v for v in vms if v.host_id == first_vm.host_id and v != first_vm)
+    first = approved_run(users["carol"], users["erin"], first_vm)  # an admin may request any VM
+    second = approved_run(users["carol"], users["erin"], second_vm)
+    assert run_services._claim(first.pk, "w1") is not None  # the host is free: it starts
+    assert run_services._claim(second.pk, "w2") is None  # the same host is busy: it waits
+    second.refresh_from_db()
+    assert second.request.status == RequestStatus.QUEUED
+    busy = {first_vm.host.name, first.request.target_host.name}
+    host = second.wait_reason.split(":")[0].removeprefix("host ")
+    assert host in busy, second.wait_reason
+    assert second.wait_reason == f"host {host}: cost 1 of 1 in use (1 compute move running) (place 1 in line)"
+    assert RunEvent.objects.filter(run=second, message__startswith="waiting: host").exists()
+    # The first finishes; the second is handed to the workers and can start.
+    run_services.migration_run_finish(run=first, outcome=run_services._Outcome(error=drv_failed()))
+    assert run_services.dispatch_admissible(datacenter.pk) == 1 and sent[-1] == second.pk
+    assert run_services._claim(second.pk, "w2") is not None
+
+
+def drv_failed():
+    from drivers.base import MigrationFailed
+
+    return MigrationFailed("test: the hypervisor said no")
