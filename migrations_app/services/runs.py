@@ -27,6 +27,7 @@ from migrations_app import admission, events
 from migrations_app.choices import TERMINAL, AuditAction, AuditOutcome, MigrationKind, Phase, RequestStatus
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
 from migrations_app.services.audit import audit_record
+from migrations_app.services.errors import ActionRefused
 from migrations_app.services.requests import notify_request_changed, set_status
 
 log = logging.getLogger(__name__)
@@ -276,13 +277,31 @@ def migration_run_execute(*, run_id: int, worker: str) -> None:
     try:
         driver = driver_for(run.request.vm.connection)
         spec = _spec(run)
+        problem = _preflight_at_start(run, driver, spec)
     except drv.DriverError as exc:
         outcome.error = exc
     except (ValueError, LookupError) as exc:  # broken configuration: our side
         outcome.error, outcome.traceback = exc, traceback.format_exc()
     else:
-        outcome = _drive(run, driver, spec)
+        if problem:
+            outcome.error = drv.MigrationFailed(f"Pre-flight at start failed: {problem}. Nothing was moved.")
+        else:
+            outcome = _drive(run, driver, spec)
     migration_run_finish(run=run, outcome=outcome)
+
+
+def _preflight_at_start(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> str:
+    """The world may have changed since approval (a host entered maintenance, a datastore filled
+    up): check again, with the portal's inventory and the endpoint's own checks. '' when all pass."""
+    from migrations_app.services.preflight import check_move
+
+    request = run.request
+    try:
+        check_move(request.vm, request.kind, request.target_host, request.target_datastore)
+    except ActionRefused as exc:
+        return exc.message
+    failed = [c.message for c in driver.preflight(spec) if not c.ok]
+    return "; ".join(failed)
 
 
 def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _Outcome:

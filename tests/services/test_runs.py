@@ -242,3 +242,20 @@ def drv_failed():
     from drivers.base import MigrationFailed
 
     return MigrationFailed("test: the hypervisor said no")
+
+
+@pytest.mark.django_db
+def test_a_run_whose_target_changed_after_approval_stops_at_start_with_the_reason(datacenter, users):
+    from migrations_app.models import Host
+
+    vm = running_vm(datacenter)
+    run = approved_run(users["alice"], users["erin"], vm)
+    target = run.request.target_host
+    Host.objects.filter(pk=target.pk).update(maintenance=True)  # as the next inventory sync would record
+    migration_run_execute(run_id=run.pk, worker="w1")
+    run.refresh_from_db()
+    vm.refresh_from_db()
+    assert run.request.status == RequestStatus.FAILED
+    assert run.explanation == (f"Pre-flight at start failed: {target.name} is in maintenance mode. "
+                               "Nothing was moved.")
+    assert vm.host != target and not run.task_id
