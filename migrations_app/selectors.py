@@ -9,7 +9,7 @@ from django.db.models import Prefetch, Q, QuerySet
 
 from drivers.base import Capability
 from migrations_app import access
-from migrations_app.choices import OPEN, RequestStatus, Role
+from migrations_app.choices import OPEN, TERMINAL, RequestStatus, Role
 from migrations_app.models import (
     AuditEntry,
     Datastore,
@@ -76,6 +76,25 @@ def approval_queue(user) -> QuerySet[MigrationRequest]:
         .exclude(requester=user)
         .order_by("created_at", "id")
     )
+
+
+def conflicting_requests(request: MigrationRequest) -> list[MigrationRequest]:
+    """Other open requests that touch the same hosts or datastores (an approver weighs them)."""
+    hosts = {request.vm.host_id, request.target_host_id} - {None}
+    stores = set(request.vm.datastore_ids()) | ({request.target_datastore_id} if request.target_datastore_id else set())
+    return list(
+        MigrationRequest.objects.filter(status__in=OPEN)
+        .exclude(pk=request.pk)
+        .filter(Q(vm__host__in=hosts) | Q(target_host__in=hosts) | Q(vm__disks__datastore__in=stores)
+                | Q(target_datastore__in=stores))
+        .select_related("vm", "target_host", "target_datastore")
+        .distinct()
+        .order_by("created_at")[:10]
+    )
+
+
+def recent_migrations(vm, *, limit: int = 5) -> list[MigrationRequest]:
+    return list(MigrationRequest.objects.filter(vm=vm, status__in=TERMINAL).order_by("-updated_at")[:limit])
 
 
 def open_request_for_vm(vm) -> MigrationRequest | None:

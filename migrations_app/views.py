@@ -150,7 +150,10 @@ def approvals(request):
     verdict = access.can_watch_approvals(request.user)
     if not verdict:
         _deny(request, verdict)
-    queue = selectors.approval_queue(request.user)
+    queue = list(selectors.approval_queue(request.user))
+    for item in queue:  # what an approver weighs, beside the request itself
+        item.conflicts = selectors.conflicting_requests(item)
+        item.recent = selectors.recent_migrations(item.vm)
     template = "migrations_app/_approval_cards.html" if request.htmx else "migrations_app/approvals.html"
     return render(request, template, {"queue": queue, "reject_form": RejectForm()})
 

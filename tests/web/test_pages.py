@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 
 from migrations_app.choices import RequestStatus
-from migrations_app.models import AuditEntry, Datastore, Host, HypervisorConnection, MigrationRequest
+from migrations_app.models import AuditEntry, Datastore, Host, HypervisorConnection, MigrationRequest, VirtualMachine
 from migrations_app.services import requests as svc
 from tests.conftest import other_cluster_host, other_host_same_cluster, running_vm
 
@@ -327,3 +327,23 @@ def test_auditors_verify_the_chain_from_the_page_and_open_one_entry(users, datac
     assert "look at me" in detail and entry.entry_hash in detail and f"/requests/{mr.pk}/" in detail
     assert client_for(users["alice"]).get(f"/audit/{entry.pk}/").status_code == 403
     assert client_for(users["alice"]).post("/audit/verify/").status_code == 403
+
+
+def test_the_approval_card_shows_conflicts_and_the_vms_recent_moves(users, datacenter):
+    vm = running_vm(datacenter)
+    target = other_host_same_cluster(vm)
+    first = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute", target_host=target,
+                                         reason="first")
+    svc.migration_request_reject(request=first, actor=users["erin"], reason="not this week")
+    mine = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute", target_host=target,
+                                        reason="second try")
+    neighbour = next(v for v in VirtualMachine.objects.filter(connection=datacenter, power_state="on",
+                                                              host=vm.host).exclude(pk=vm.pk)
+                     if not any(t.startswith("sim:") for t in v.tags))
+    other = svc.migration_request_submit(requester=users["carol"], vm=neighbour, kind="compute",
+                                         target_host=target, reason="same hosts")
+    page = client_for(users["erin"]).get("/approvals/").content.decode()
+    card = page[page.index(f"<strong>#{mine.pk}</strong>"):]
+    card = card[:card.index("</article>")]
+    assert f"#{other.pk}</a> {neighbour.name}" in card
+    assert f"#{first.pk}</a> rejected" in card
