@@ -417,16 +417,21 @@ class _ProgressRecorder:
 def _apply_placement(run: MigrationRun, placement: drv.Placement) -> None:
     """Record where the VM is now (as the driver read it back), and move datastore free space with it."""
     vm = run.request.vm
-    vm.host = Host.objects.get(connection=vm.connection, ref=placement.host_ref)
-    vm.save(update_fields=["host"])
+    host = Host.objects.get(connection=vm.connection, ref=placement.host_ref)
     stores = {d.ref: d for d in Datastore.objects.filter(connection=vm.connection, ref__in=set(placement.disk_datastores.values()))}
+    moved = []
     for disk in VirtualDisk.objects.filter(vm=vm).select_related("datastore"):
         new_ref = placement.disk_datastores.get(disk.key)
-        if new_ref is None or new_ref == disk.datastore.ref:
-            continue
-        target = stores[new_ref]
+        if new_ref is not None and new_ref != disk.datastore.ref:
+            moved.append((disk, stores[new_ref]))
+    # Datastores first, then the VM and its disks: the order inventory sync writes them in, so the
+    # two never wait on each other's rows.
+    for disk, target in moved:
         Datastore.objects.filter(pk=disk.datastore_id).update(free_bytes=F("free_bytes") + disk.capacity_bytes)
         Datastore.objects.filter(pk=target.pk).update(free_bytes=F("free_bytes") - disk.capacity_bytes)
+    vm.host = host
+    vm.save(update_fields=["host"])
+    for disk, target in moved:
         disk.datastore = target
         disk.save(update_fields=["datastore"])
 
