@@ -137,6 +137,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
         subscription with the user's current rights at most every RECHECK_S seconds: a user whose
         role or team changed stops receiving what they may no longer see."""
         group = message.get("group", "")
+        if group not in self.groups_joined:
+            return  # left (or was removed from) the group; messages already on their way are dropped
         stream, obj_id, checked = self.watching.get(group, ("", None, time.monotonic()))
         if stream and time.monotonic() - checked > RECHECK_S:
             if not await self._still_allowed(stream, obj_id):
