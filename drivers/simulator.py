@@ -303,20 +303,6 @@ class SimulatorDriver(Driver):
             return TaskInfo(task_id, TaskState.FAILED, "the process running this migration died before it completed")
         return TaskInfo(task_id, TaskState(task["state"]), task.get("message", ""))
 
-    # -- fault injection and admin operations used by tests and the demo ---------------------
-    def set_host_state(self, host_ref: str, *, connected: bool | None = None, maintenance: bool | None = None) -> None:
-        with self._state() as s:
-            host = self._find(s["hosts"], host_ref, "host")
-            if connected is not None:
-                host["connected"] = connected
-            if maintenance is not None:
-                host["maintenance"] = maintenance
-
-    def delete_vm(self, vm_ref: str) -> None:
-        with self._state() as s:
-            vm = self._find(s["vms"], vm_ref, "VM")
-            s["vms"].remove(vm)
-
     # -- write side -------------------------------------------------------------------------
     def _validate(self, s: dict, spec: MigrationSpec) -> tuple[dict, dict | None, dict | None]:
         vm = self._find(s["vms"], spec.vm_ref, "VM")

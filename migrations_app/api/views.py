@@ -139,7 +139,9 @@ def request_item(request, pk: int):
     return JsonResponse(request_json(mr)) if mr else _error("no such request", 404)
 
 
-def _action(service, **fixed):
+def _action(service, text_param: str):
+    """A decision endpoint: the body's "comment" or "reason" goes to the service as ``text_param``."""
+
     @api_login_required
     @require_POST
     def view(request, pk: int):
@@ -151,8 +153,7 @@ def _action(service, **fixed):
             text = data.get("comment", data.get("reason", ""))
             if not isinstance(text, str):
                 raise ActionRefused("comment/reason must be a string")
-            kwargs = {key: text for key in fixed.values()}
-            mr = service(request=mr, actor=request.user, ip=client_ip(request), **kwargs)
+            mr = service(request=mr, actor=request.user, ip=client_ip(request), **{text_param: text})
         except ActionRefused as exc:
             return _error(exc.message, 403 if exc.denied else 409 if exc.conflict else 400, exc.field)
         return JsonResponse(request_json(mr))
@@ -160,9 +161,9 @@ def _action(service, **fixed):
     return view
 
 
-request_approve = _action(request_services.migration_request_approve, text="comment")
-request_reject = _action(request_services.migration_request_reject, text="reason")
-request_cancel = _action(request_services.migration_request_cancel, text="reason")
+request_approve = _action(request_services.migration_request_approve, "comment")
+request_reject = _action(request_services.migration_request_reject, "reason")
+request_cancel = _action(request_services.migration_request_cancel, "reason")
 
 
 @api_login_required
