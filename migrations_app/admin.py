@@ -76,8 +76,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(HypervisorConnection)
 class HypervisorConnectionAdmin(AuditedAdmin):
-    audit_fields = ("name", "kind", "url", "username", "password_encrypted", "verify_tls", "ca_bundle", "is_lab",
-                    "options", "enabled")
+    audit_fields = HypervisorConnection.AUDITED_FIELDS
     list_display = ("name", "kind", "url", "enabled", "last_sync_at", "last_sync_error")
     actions = ["test_connection", "sync_now"]
 

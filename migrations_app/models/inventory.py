@@ -29,6 +29,10 @@ class HypervisorConnection(models.Model):
     last_sync_at = models.DateTimeField(null=True, blank=True)
     last_sync_error = models.TextField(blank=True)
 
+    # What an audit entry records of a change to a connection (the password only as set/empty).
+    AUDITED_FIELDS = ("name", "kind", "url", "username", "password_encrypted", "verify_tls", "ca_bundle", "is_lab",
+                      "options", "enabled")
+
     class Meta:
         ordering = ["name"]
 

@@ -347,3 +347,15 @@ def test_the_approval_card_shows_conflicts_and_the_vms_recent_moves(users, datac
     card = card[:card.index("</article>")]
     assert f"#{other.pk}</a> {neighbour.name}" in card
     assert f"#{first.pk}</a> rejected" in card
+
+
+def test_connection_add_saves_and_audits_the_connection_with_the_secret_redacted(db, monkeypatch):
+    from django.core.management import call_command
+
+    monkeypatch.setenv("CANARY_PW", "canary-cli-secret")
+    call_command("connection_add", "--name", "demo-sim", "--kind", "simulator", "--password-env", "CANARY_PW",
+                 "--options", '{"vms": 4, "clusters": 1, "hosts_per_cluster": 2, "datastores": 1}')
+    conn = HypervisorConnection.objects.get(name="demo-sim")
+    assert conn.get_password() == "canary-cli-secret" and conn.vms.count() == 4
+    entry = AuditEntry.objects.get(action="config.changed", object_type="hypervisorconnection")
+    assert entry.after["password_encrypted"] == "(set)" and "canary-cli-secret" not in json.dumps(entry.after)

@@ -15,10 +15,12 @@ import os
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
 from drivers.base import DriverError
 from migrations_app.choices import ConnectionKind
 from migrations_app.models import HypervisorConnection
+from migrations_app.services.audit import audit_config_change, snapshot
 from migrations_app.services.inventory import inventory_sync
 
 
@@ -42,16 +44,21 @@ class Command(BaseCommand):
             raise CommandError(f"--options is not valid JSON: {exc}") from None
         if not isinstance(options, dict):
             raise CommandError("--options must be a JSON object")
-        conn, _ = HypervisorConnection.objects.get_or_create(name=o["name"], defaults={"kind": o["kind"]})
-        conn.kind, conn.url, conn.username, conn.is_lab, conn.options = (
-            o["kind"], o["url"], o["username"], o["lab"], options)
-        if o["ca_bundle"]:
-            conn.ca_bundle = Path(o["ca_bundle"]).read_text()
-        if o["password_env"]:
-            if o["password_env"] not in os.environ:
-                raise CommandError(f"environment variable {o['password_env']} is not set")
-            conn.set_password(os.environ[o["password_env"]])
-        conn.save()
+        if o["password_env"] and o["password_env"] not in os.environ:
+            raise CommandError(f"environment variable {o['password_env']} is not set")
+        fields = HypervisorConnection.AUDITED_FIELDS
+        with transaction.atomic():  # the change and its audit entry together, as in the admin
+            conn = HypervisorConnection.objects.select_for_update().filter(name=o["name"]).first()
+            before = snapshot(conn, fields) if conn else {}
+            conn = conn or HypervisorConnection(name=o["name"])
+            conn.kind, conn.url, conn.username, conn.is_lab, conn.options = (
+                o["kind"], o["url"], o["username"], o["lab"], options)
+            if o["ca_bundle"]:
+                conn.ca_bundle = Path(o["ca_bundle"]).read_text()
+            if o["password_env"]:
+                conn.set_password(os.environ[o["password_env"]])
+            conn.save()
+            audit_config_change(actor=None, obj=conn, before=before, fields=fields)
         try:
             counts = inventory_sync(connection=conn)
         except DriverError as exc:
