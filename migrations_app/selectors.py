@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from django.db.models import Prefetch, Q, QuerySet
+from django.utils import timezone
 
 from drivers.base import Capability
 from migrations_app import access
@@ -67,13 +68,15 @@ def my_requests(user) -> QuerySet[MigrationRequest]:
 
 
 def approval_queue(user) -> QuerySet[MigrationRequest]:
-    """Requests waiting for a decision that this user may take (never their own)."""
+    """Requests waiting for a decision that this user may take (never their own, never one whose
+    window has closed: the expiry pass ends those)."""
     if not access.can_watch_approvals(user):
         return MigrationRequest.objects.none()
     return (
         visible_requests(user)
         .filter(status=RequestStatus.PENDING_APPROVAL)
         .exclude(requester=user)
+        .exclude(window_end__lte=timezone.now())
         .order_by("created_at", "id")
     )
 

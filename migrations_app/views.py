@@ -15,7 +15,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
-from migrations_app import access, selectors
+from migrations_app import access, selectors, windows
 from migrations_app.choices import AuditAction, AuditOutcome, Role
 from migrations_app.forms import AuditFilterForm, CommentForm, MigrateForm, RejectForm
 from migrations_app.models import AuditEntry, Cluster, Host, MigrationRequest, VirtualMachine
@@ -107,7 +107,7 @@ def vm_migrate(request, pk: int):
                 mr = request_services.migration_request_submit(
                     requester=request.user, vm=vm, kind=d["kind"], reason=d["reason"],
                     target_host=d["target_host"], target_datastore=d["target_datastore"],
-                    start_after=d["start_after"], ip=client_ip(request),
+                    start_after=d["start_after"], window_end=d["window_end"], ip=client_ip(request),
                 )
             except ActionRefused as exc:
                 form.add_error(exc.field if exc.field in form.fields else None, exc.message)
@@ -175,6 +175,7 @@ def _detail_context(request, mr: MigrationRequest) -> dict:
         "recent_events": selectors.recent_run_events(run) if run else [],
         "can_decide": access.can_decide(request.user, mr),
         "can_cancel": access.can_cancel(request.user, mr),
+        "window_closed": windows.window_closed(mr) if mr.status in request_services.EXPIRABLE else "",
         "history": mr.audit.order_by("id"),
         "reject_form": RejectForm(),
         "comment_form": CommentForm(),
