@@ -132,6 +132,25 @@ class AuditAction(models.TextChoices):
     NOTIFICATIONS_CHANGED = "user.notifications_changed", "Notification preferences changed"
 
 
+class NotificationCategory(models.TextChoices):
+    """What a notification is about; each user can mute any of them (the preferences page)."""
+
+    APPROVAL_WAITING = "approval_waiting", "A request waits for my approval"
+    DECISION = "decision", "My request was approved or rejected"
+    RUN_STARTED = "run_started", "My migration started"
+    RUN_SUCCEEDED = "run_succeeded", "My migration succeeded"
+    RUN_FAILED = "run_failed", "My migration failed or errored"
+    CANCELLED = "cancelled", "My request was cancelled"
+    EXPIRED = "expired", "My request expired"
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending", "Pending"  # recorded; the sender has not succeeded yet (retries included)
+    SENT = "sent", "Sent"
+    FAILED = "failed", "Failed"  # gave up after the last retry; last_error says why
+    SKIPPED = "skipped", "Skipped"  # nowhere to send it (a user without an e-mail address)
+
+
 class AuditOutcome(models.TextChoices):
     SUCCESS = "success", "Success"
     FAILURE = "failure", "Failure"

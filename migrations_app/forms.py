@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
-from migrations_app.choices import MigrationKind
+from migrations_app.choices import MigrationKind, NotificationCategory
 from migrations_app.models import Datastore, Host
 
 DATETIME_INPUTS = ["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"]
@@ -70,3 +70,10 @@ class AuditFilterForm(forms.Form):
     until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
                                 input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d"])
     q = forms.CharField(required=False, label="Text")
+
+
+class NotificationPreferencesForm(forms.Form):
+    """One checkbox per category: checked means "mail me"."""
+
+    wanted = forms.MultipleChoiceField(choices=NotificationCategory.choices, required=False,
+                                       widget=forms.CheckboxSelectMultiple, label="Mail me when")

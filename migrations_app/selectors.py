@@ -81,6 +81,19 @@ def approval_queue(user) -> QuerySet[MigrationRequest]:
     )
 
 
+def current_approvers(request: MigrationRequest) -> list:
+    """Who can decide on this request now: active users with the approver role, never its requester.
+    Notifications of a waiting approval go to exactly these people."""
+    from django.contrib.auth.models import User
+
+    return list(
+        User.objects.filter(is_active=True, groups__name=Role.APPROVER.value)
+        .exclude(pk=request.requester_id)
+        .distinct()
+        .order_by("pk")
+    )
+
+
 def conflicting_requests(request: MigrationRequest) -> list[MigrationRequest]:
     """Other open requests that touch the same hosts or datastores (an approver weighs them)."""
     hosts = {request.vm.host_id, request.target_host_id} - {None}

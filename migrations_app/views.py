@@ -15,13 +15,14 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
-from migrations_app import access, selectors, windows
-from migrations_app.choices import AuditAction, AuditOutcome, Role
-from migrations_app.forms import AuditFilterForm, CommentForm, MigrateForm, RejectForm
+from migrations_app import access, notifications, selectors, windows
+from migrations_app.choices import AuditAction, AuditOutcome, NotificationCategory, Role
+from migrations_app.forms import AuditFilterForm, CommentForm, MigrateForm, NotificationPreferencesForm, RejectForm
 from migrations_app.models import AuditEntry, Cluster, Host, MigrationRequest, VirtualMachine
 from migrations_app.services import requests as request_services
 from migrations_app.services.audit import audit_denied, audit_last_verdict, audit_verify_and_record
 from migrations_app.services.errors import ActionRefused
+from migrations_app.services.notifications import notification_preferences_set
 
 
 def client_ip(request) -> str | None:
@@ -234,6 +235,26 @@ def request_reject(request, pk: int):
 @require_POST
 def request_cancel(request, pk: int):
     return _act(request, pk, request_services.migration_request_cancel, reason=request.POST.get("reason", "")[:2000])
+
+
+# -- notifications -----------------------------------------------------------------------------
+
+
+@login_required
+def notification_settings(request):
+    """Each user picks which notification categories reach them by e-mail."""
+    if request.method == "POST":
+        form = NotificationPreferencesForm(request.POST)
+        if form.is_valid():
+            wanted = set(form.cleaned_data["wanted"])
+            notification_preferences_set(user=request.user, muted=set(NotificationCategory.values) - wanted,
+                                         ip=client_ip(request))
+            messages.success(request, "Notification preferences saved.")
+            return redirect("notification_settings")
+        return render(request, "migrations_app/notifications.html", {"form": form}, status=400)
+    muted = notifications.muted_categories(request.user)
+    form = NotificationPreferencesForm(initial={"wanted": [c for c in NotificationCategory.values if c not in muted]})
+    return render(request, "migrations_app/notifications.html", {"form": form})
 
 
 # -- audit -------------------------------------------------------------------------------------

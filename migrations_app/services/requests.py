@@ -9,8 +9,8 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from migrations_app import access, events, policy, windows
-from migrations_app.choices import AuditAction, MigrationKind, RequestStatus
+from migrations_app import access, events, notifications, policy, windows
+from migrations_app.choices import AuditAction, MigrationKind, NotificationCategory, RequestStatus
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_denied, audit_record
@@ -18,6 +18,7 @@ from migrations_app.services.errors import ActionRefused
 from migrations_app.services.preflight import check_move
 
 S = RequestStatus
+N = NotificationCategory
 
 
 def set_status(request: MigrationRequest, target: str) -> str:
@@ -69,6 +70,7 @@ def expire_locked(request: MigrationRequest, *, reason: str, now: datetime, run=
     audit_record(actor=None, action=AuditAction.REQUEST_EXPIRED, request=request, reason=reason,
                  data={"window_end": request.window_end.isoformat() if request.window_end else None})
     notify_request_changed(request)
+    notifications.notify(request, N.EXPIRED, detail=reason)
 
 
 def migration_request_submit(
@@ -137,6 +139,8 @@ def migration_request_submit(
         if decision.auto_approve:
             _approve_locked(request, approver=None, comment=decision.note, ip=None,
                             action=AuditAction.REQUEST_AUTO_APPROVED)
+        else:
+            notifications.notify(request, N.APPROVAL_WAITING)
         notify_request_changed(request)
     return request
 
@@ -161,6 +165,7 @@ def _approve_locked(request: MigrationRequest, *, approver, comment: str, ip: st
     request.decision_comment = comment
     request.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
     audit_record(actor=approver, action=action, request=request, reason=comment, ip=ip)
+    notifications.notify(request, N.DECISION, occasion="approved", actor=approver, detail=comment)
     if _start_is_due(request, now):
         migration_run_enqueue(request=request, actor=approver)
 
@@ -234,6 +239,7 @@ def migration_request_reject(*, request: MigrationRequest, actor, reason: str, i
             request.decision_comment = reason
             request.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
             audit_record(actor=actor, action=AuditAction.REQUEST_REJECTED, request=request, reason=reason, ip=ip)
+            notifications.notify(request, N.DECISION, occasion="rejected", actor=actor, detail=reason)
             notify_request_changed(request)
     if not verdict:
         _refuse_decision(request, verdict, expired)
@@ -272,6 +278,7 @@ def migration_request_cancel(*, request: MigrationRequest, actor, reason: str = 
                 run.save(update_fields=["finished_at", "explanation"])
                 append_run_event(run, status=request.status, message="cancelled before it started")
             audit_record(actor=actor, action=AuditAction.REQUEST_CANCELLED, request=request, reason=reason, ip=ip)
+            notifications.notify(request, N.CANCELLED, actor=actor, detail=reason)
         request.save(update_fields=["status", "updated_at"])
         notify_request_changed(request)
     return request

@@ -23,8 +23,16 @@ from django.db.models import F
 from django.utils import timezone
 
 from drivers import base as drv
-from migrations_app import admission, events, windows
-from migrations_app.choices import TERMINAL, AuditAction, AuditOutcome, MigrationKind, Phase, RequestStatus
+from migrations_app import admission, events, notifications, windows
+from migrations_app.choices import (
+    TERMINAL,
+    AuditAction,
+    AuditOutcome,
+    MigrationKind,
+    NotificationCategory,
+    Phase,
+    RequestStatus,
+)
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
 from migrations_app.services.audit import audit_record
 from migrations_app.services.errors import ActionRefused
@@ -258,6 +266,7 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
                      object_id=str(run.pk), before=request.source_placement, data={"worker": worker})
         append_run_event(run, status=request.status, message=f"started by {worker}")
         notify_request_changed(request)
+        notifications.notify(request, NotificationCategory.RUN_STARTED, occasion=f"run-{run.pk}")
     return run
 
 
@@ -526,10 +535,19 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
             audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=request, task_id=run.task_id,
                          reason=reconciled_by)
         notify_request_changed(request)
+        notifications.notify(request, _OUTCOME_CATEGORY[target], occasion=f"run-{run.pk}", detail=run.explanation)
         # Its resources are free again: start what was waiting for them.
         connection_id = request.vm.connection_id
         transaction.on_commit(lambda: dispatch_admissible(connection_id), robust=True)
     return True
+
+
+_OUTCOME_CATEGORY = {
+    S.SUCCEEDED: NotificationCategory.RUN_SUCCEEDED,
+    S.FAILED: NotificationCategory.RUN_FAILED,
+    S.ERRORED: NotificationCategory.RUN_FAILED,
+    S.CANCELLED: NotificationCategory.CANCELLED,
+}
 
 
 def _placement_text(snapshot: dict) -> str:
