@@ -21,6 +21,7 @@ import smtplib
 import time
 import urllib.error
 import urllib.request
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.mail import send_mail
@@ -185,13 +186,21 @@ def _send_mail(delivery: NotificationDelivery) -> None:
         raise DeliveryFailed(f"mail to {delivery.address} failed: {exc}") from None
 
 
+def claim_attempt(delivery: NotificationDelivery) -> bool:
+    """Count one attempt, compare-and-set on the count as read: of two task messages for one
+    delivery (a resend racing the original), only one sends."""
+    return bool(NotificationDelivery.objects.filter(
+        pk=delivery.pk, status=DeliveryStatus.PENDING, attempts=delivery.attempts).update(attempts=delivery.attempts + 1))
+
+
 def deliver(delivery_id: int) -> bool:
     """Send one recorded delivery once. True when sent (or already sent); raises DeliveryFailed
     (recorded on the delivery) when this attempt failed."""
     delivery = NotificationDelivery.objects.select_related("webhook").filter(pk=delivery_id).first()
     if delivery is None or delivery.status != DeliveryStatus.PENDING:
         return delivery is not None and delivery.status == DeliveryStatus.SENT
-    NotificationDelivery.objects.filter(pk=delivery.pk).update(attempts=delivery.attempts + 1)
+    if not claim_attempt(delivery):
+        return False  # another message for this delivery is sending it
     try:
         if delivery.channel == NotificationDelivery.WEBHOOK:
             _post_webhook(delivery)
@@ -204,6 +213,16 @@ def deliver(delivery_id: int) -> bool:
     NotificationDelivery.objects.filter(pk=delivery.pk).update(status=DeliveryStatus.SENT, sent_at=timezone.now(),
                                                               last_error="")
     return True
+
+
+def resend_unsent(*, older_than_s: float = 600.0) -> list[int]:
+    """Hand again to the workers the deliveries never tried (their message was lost with the
+    broker); beat runs this. Returns their ids."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_s)
+    ids = list(NotificationDelivery.objects.filter(status=DeliveryStatus.PENDING, attempts=0, created_at__lt=cutoff)
+               .order_by("pk").values_list("pk", flat=True)[:500])
+    _enqueue(ids)
+    return ids
 
 
 def give_up(delivery_id: int) -> None:

@@ -72,6 +72,11 @@ def deliver_notification(self, delivery_id: int) -> None:
         raise self.retry(exc=exc, countdown=2**self.request.retries, max_retries=max_retries) from None
 
 
+@shared_task(name="migrations_app.tasks.resend_notifications", ignore_result=True)
+def resend_notifications() -> None:
+    notifications.resend_unsent()
+
+
 @shared_task(name="migrations_app.tasks.sync_inventory", ignore_result=True)
 def sync_inventory(connection_id: int) -> None:
     connection = HypervisorConnection.objects.get(pk=connection_id)

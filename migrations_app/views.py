@@ -16,7 +16,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from migrations_app import access, notifications, selectors, windows
-from migrations_app.choices import AuditAction, AuditOutcome, NotificationCategory, Role
+from migrations_app.choices import AuditAction, AuditOutcome, NotificationCategory, RequestStatus, Role
 from migrations_app.forms import AuditFilterForm, CommentForm, MigrateForm, NotificationPreferencesForm, RejectForm
 from migrations_app.models import AuditEntry, Cluster, Host, MigrationRequest, VirtualMachine
 from migrations_app.services import requests as request_services
@@ -177,6 +177,8 @@ def _detail_context(request, mr: MigrationRequest) -> dict:
         "can_decide": access.can_decide(request.user, mr),
         "can_cancel": access.can_cancel(request.user, mr),
         "window_closed": windows.window_closed(mr) if mr.status in request_services.EXPIRABLE else "",
+        "expired_because": mr.audit.filter(action=AuditAction.REQUEST_EXPIRED).values_list("reason", flat=True).last()
+        if mr.status == RequestStatus.EXPIRED else "",
         "history": mr.audit.order_by("id"),
         "reject_form": RejectForm(),
         "comment_form": CommentForm(),

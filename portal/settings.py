@@ -150,6 +150,7 @@ CELERY_BEAT_SCHEDULE = {
     "audit-checkpoint": {"task": "migrations_app.tasks.audit_checkpoint", "schedule": 300.0},
     "reconcile-stale-runs": {"task": "migrations_app.tasks.reconcile_stale", "schedule": 20.0},
     "sync-inventory": {"task": "migrations_app.tasks.sync_all_inventories", "schedule": 300.0},
+    "resend-notifications": {"task": "migrations_app.tasks.resend_notifications", "schedule": 300.0},
 }
 
 # -- portal behaviour ------------------------------------------------------------------------

@@ -10,11 +10,14 @@ import socket
 import threading
 import time
 import urllib.request
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import time_machine
 from django.core import mail
 from django.test import Client
+from django.utils import timezone
 
 from migrations_app import notifications
 from migrations_app.choices import AuditAction, DeliveryStatus, MigrationKind, NotificationCategory, RequestStatus
@@ -268,3 +271,21 @@ def test_rotating_the_field_key_keeps_webhook_secrets_readable(db, tmp_path, set
     hook.refresh_from_db()
     assert hook.secret_encrypted != old_token and hook.get_secret() == "before-rotation"
     secrets._fernet.cache_clear()
+
+
+def test_deliveries_never_tried_are_handed_out_again_and_two_messages_send_once(datacenter, people, monkeypatch):
+    sent_to_queue = []
+    monkeypatch.setattr(notifications, "_enqueue", sent_to_queue.extend)
+    mr = submit(people["alice"], running_vm(datacenter))
+    waiting = list(NotificationDelivery.objects.filter(request=mr).order_by("pk").values_list("pk", flat=True))
+    assert notifications.resend_unsent() == []  # fresh: their first message may still be in the queue
+    deliver_notification.apply(args=[waiting[0]])
+    with time_machine.travel(timezone.now() + timedelta(minutes=11)):
+        assert notifications.resend_unsent() == waiting[1:]  # the one already tried is not sent again
+    assert sent_to_queue == waiting[1:]
+    # Two messages for the same delivery racing: both read it untried, only one claims the attempt.
+    seen_by_first = NotificationDelivery.objects.get(pk=waiting[1])
+    seen_by_second = NotificationDelivery.objects.get(pk=waiting[1])
+    assert notifications.claim_attempt(seen_by_first) is True
+    assert notifications.claim_attempt(seen_by_second) is False
+    assert NotificationDelivery.objects.get(pk=waiting[1]).attempts == 1
