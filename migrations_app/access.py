@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from migrations_app.choices import AWAITING_DECISION, CANCELABLE, Role
+from migrations_app.windows import window_closed
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ def can_decide(user, request) -> Verdict:
         return deny("you cannot approve or reject your own request")
     if request.status not in AWAITING_DECISION:
         return deny(f"this request is already {request.get_status_display().lower()}", conflict=True)
+    if closed := window_closed(request):  # too late to decide: the services expire it
+        return deny(closed, conflict=True)
     return ALLOW
 
 

@@ -12,6 +12,7 @@ from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group, User
 
 from drivers.base import DriverError
+from migrations_app.choices import NotificationCategory
 from migrations_app.models import (
     AuditEntry,
     Cluster,
@@ -22,7 +23,9 @@ from migrations_app.models import (
     MigrationRequest,
     MigrationRun,
     Network,
+    NotificationDelivery,
     VirtualMachine,
+    Webhook,
 )
 from migrations_app.services.audit import audit_config_change, config_delete, snapshot
 from migrations_app.services.inventory import driver_for, inventory_sync
@@ -104,6 +107,46 @@ class HypervisorConnectionAdmin(AuditedAdmin):
                 messages.success(request, f"{conn.name}: {counts['vms']} VMs, {counts['hosts']} hosts synced")
             except DriverError as exc:
                 messages.error(request, f"{conn.name}: {exc.explanation()}")
+
+
+class WebhookForm(forms.ModelForm):
+    secret = forms.CharField(
+        required=False, widget=forms.PasswordInput(render_value=False),
+        help_text="Signs every delivery (HMAC-SHA256); encrypted at rest. Leave blank to keep the current secret.",
+    )
+    categories = forms.MultipleChoiceField(choices=NotificationCategory.choices, required=False,
+                                           widget=forms.CheckboxSelectMultiple, help_text="None ticked: every category.")
+
+    class Meta:
+        model = Webhook
+        fields = ["name", "url", "secret", "categories", "active"]
+
+    def clean(self):
+        data = super().clean()
+        if not data.get("secret") and not (self.instance.pk and self.instance.secret_encrypted):
+            self.add_error("secret", "a new webhook needs a secret to sign its deliveries")
+        return data
+
+
+@admin.register(Webhook)
+class WebhookAdmin(AuditedAdmin):
+    """Chat and ITSM endpoints; changes are audited with the secret redacted."""
+
+    audit_fields = Webhook.AUDITED_FIELDS
+    form = WebhookForm
+    list_display = ("name", "url", "active", "categories")
+
+    def save_model(self, request, obj, form, change):
+        if form.cleaned_data.get("secret"):
+            obj.set_secret(form.cleaned_data["secret"])
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(NotificationDelivery)
+class NotificationDeliveryAdmin(ReadOnlyAdmin):
+    list_display = ("id", "created_at", "category", "channel", "address", "status", "attempts", "last_error")
+    list_filter = ("status", "channel", "category")
+    search_fields = ("address", "subject")
 
 
 @admin.register(VirtualMachine)

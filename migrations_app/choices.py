@@ -39,7 +39,7 @@ class RequestStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
     # An approver said no, with a reason.
     REJECTED = "rejected", "Rejected"
-    # Nobody decided in time, or its start window passed.
+    # Nobody decided in time, or its change window closed before the run started.
     EXPIRED = "expired", "Expired"
 
     @classmethod
@@ -53,7 +53,8 @@ S = RequestStatus
 TRANSITIONS: dict[str, frozenset[str]] = {
     S.PENDING_APPROVAL: frozenset({S.APPROVED, S.REJECTED, S.CANCELLED, S.EXPIRED}),
     S.APPROVED: frozenset({S.QUEUED, S.CANCELLED, S.EXPIRED}),
-    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.ERRORED, S.FAILED}),
+    # Queued -> expired: its change window closed while it waited for a worker or a free slot.
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.ERRORED, S.FAILED, S.EXPIRED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.ERRORED, S.CANCELLING, S.CANCELLED}),
     S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED, S.ERRORED}),
 }
@@ -128,6 +129,26 @@ class AuditAction(models.TextChoices):
     USER_LOGIN = "user.login", "Logged in"
     USER_LOGIN_FAILED = "user.login_failed", "Login failed"
     USER_LOGOUT = "user.logout", "Logged out"
+    NOTIFICATIONS_CHANGED = "user.notifications_changed", "Notification preferences changed"
+
+
+class NotificationCategory(models.TextChoices):
+    """What a notification is about; each user can mute any of them (the preferences page)."""
+
+    APPROVAL_WAITING = "approval_waiting", "A request waits for my approval"
+    DECISION = "decision", "My request was approved or rejected"
+    RUN_STARTED = "run_started", "My migration started"
+    RUN_SUCCEEDED = "run_succeeded", "My migration succeeded"
+    RUN_FAILED = "run_failed", "My migration failed or errored"
+    CANCELLED = "cancelled", "My request was cancelled"
+    EXPIRED = "expired", "My request expired"
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending", "Pending"  # recorded; the sender has not succeeded yet (retries included)
+    SENT = "sent", "Sent"
+    FAILED = "failed", "Failed"  # gave up after the last retry; last_error says why
+    SKIPPED = "skipped", "Skipped"  # nowhere to send it (a user without an e-mail address)
 
 
 class AuditOutcome(models.TextChoices):

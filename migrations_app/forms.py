@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 from django import forms
-from django.utils import timezone
 
-from migrations_app.choices import MigrationKind
+from migrations_app.choices import MigrationKind, NotificationCategory
 from migrations_app.models import Datastore, Host
+
+DATETIME_INPUTS = ["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"]
 
 
 class MigrateForm(forms.Form):
+    """The Migrate page. A window needs both ends; whether it is acceptable (in the future, long
+    enough, not too far ahead) is the service's call (``migrations_app.windows.window_problem``)."""
+
     kind = forms.ChoiceField(choices=MigrationKind.choices, widget=forms.RadioSelect, initial=MigrationKind.COMPUTE)
     target_host = forms.ModelChoiceField(queryset=Host.objects.none(), required=False)
     target_datastore = forms.ModelChoiceField(queryset=Datastore.objects.none(), required=False)
     reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), max_length=2000, strip=True)
-    start_mode = forms.ChoiceField(choices=[("now", "As soon as approved"), ("later", "Not before")], initial="now",
-                                   widget=forms.RadioSelect)
-    start_after = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
-                                      input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"])
+    start_mode = forms.ChoiceField(choices=[("now", "As soon as approved"), ("window", "In a change window (UTC)")],
+                                   initial="now", widget=forms.RadioSelect)
+    start_after = forms.DateTimeField(required=False, label="Window start",
+                                      widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+                                      input_formats=DATETIME_INPUTS)
+    window_end = forms.DateTimeField(required=False, label="Window end",
+                                     widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+                                     input_formats=DATETIME_INPUTS)
 
     def __init__(self, *args, vm, **kwargs):
         super().__init__(*args, **kwargs)
@@ -33,14 +41,12 @@ class MigrateForm(forms.Form):
             data["target_host"] = None
         if kind == MigrationKind.COMPUTE:
             data["target_datastore"] = None
-        if data.get("start_mode") == "later":
-            start = data.get("start_after")
-            if start is None:
-                self.add_error("start_after", "give the earliest start time, or choose 'As soon as approved'")
-            elif start < timezone.now():
-                self.add_error("start_after", "the start time is in the past")
+        if data.get("start_mode") == "window":
+            for name in ("start_after", "window_end"):
+                if data.get(name) is None and name not in self.errors:
+                    self.add_error(name, "give both ends of the window, or choose 'As soon as approved'")
         else:
-            data["start_after"] = None
+            data["start_after"] = data["window_end"] = None
         return data
 
 
@@ -64,3 +70,10 @@ class AuditFilterForm(forms.Form):
     until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
                                 input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d"])
     q = forms.CharField(required=False, label="Text")
+
+
+class NotificationPreferencesForm(forms.Form):
+    """One checkbox per category: checked means "mail me"."""
+
+    wanted = forms.MultipleChoiceField(choices=NotificationCategory.choices, required=False,
+                                       widget=forms.CheckboxSelectMultiple, label="Mail me when")

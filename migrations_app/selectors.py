@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from django.db.models import Prefetch, Q, QuerySet
+from django.utils import timezone
 
 from drivers.base import Capability
 from migrations_app import access
@@ -67,14 +68,29 @@ def my_requests(user) -> QuerySet[MigrationRequest]:
 
 
 def approval_queue(user) -> QuerySet[MigrationRequest]:
-    """Requests waiting for a decision that this user may take (never their own)."""
+    """Requests waiting for a decision that this user may take (never their own, never one whose
+    window has closed: the expiry pass ends those)."""
     if not access.can_watch_approvals(user):
         return MigrationRequest.objects.none()
     return (
         visible_requests(user)
         .filter(status=RequestStatus.PENDING_APPROVAL)
         .exclude(requester=user)
+        .exclude(window_end__lte=timezone.now())
         .order_by("created_at", "id")
+    )
+
+
+def current_approvers(request: MigrationRequest) -> list:
+    """Who can decide on this request now: active users with the approver role, never its requester.
+    Notifications of a waiting approval go to exactly these people."""
+    from django.contrib.auth.models import User
+
+    return list(
+        User.objects.filter(is_active=True, groups__name=Role.APPROVER.value)
+        .exclude(pk=request.requester_id)
+        .distinct()
+        .order_by("pk")
     )
 
 

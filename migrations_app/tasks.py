@@ -12,9 +12,11 @@ import socket
 
 from celery import shared_task
 from celery.signals import worker_process_shutdown, worker_shutdown
+from django.conf import settings
 
 from drivers import base as drv
 from drivers import registry
+from migrations_app import notifications
 from migrations_app.models import HypervisorConnection
 from migrations_app.services import audit as audit_services
 from migrations_app.services import inventory as inventory_services
@@ -54,6 +56,25 @@ def audit_checkpoint() -> None:
 @shared_task(name="migrations_app.tasks.expire_stale", ignore_result=True)
 def expire_stale() -> None:
     request_services.migration_request_expire_stale()
+
+
+@shared_task(bind=True, name="migrations_app.tasks.deliver_notification", ignore_result=True)
+def deliver_notification(self, delivery_id: int) -> None:
+    """Send one notification; retry with exponential backoff (1, 2, 4... s), then record the failure.
+    Never raises into anyone's flow: the request's change committed before this was queued."""
+    try:
+        notifications.deliver(int(delivery_id))
+    except notifications.DeliveryFailed as exc:
+        max_retries = settings.PORTAL["WEBHOOK_MAX_RETRIES"]
+        if self.request.retries >= max_retries:
+            notifications.give_up(int(delivery_id))
+            return
+        raise self.retry(exc=exc, countdown=2**self.request.retries, max_retries=max_retries) from None
+
+
+@shared_task(name="migrations_app.tasks.resend_notifications", ignore_result=True)
+def resend_notifications() -> None:
+    notifications.resend_unsent()
 
 
 @shared_task(name="migrations_app.tasks.sync_inventory", ignore_result=True)

@@ -14,6 +14,7 @@ urlpatterns = [
     path("requests/<int:pk>/reject/", views.request_reject, name="request_reject"),
     path("requests/<int:pk>/cancel/", views.request_cancel, name="request_cancel"),
     path("approvals/", views.approvals, name="approvals"),
+    path("notifications/", views.notification_settings, name="notification_settings"),
     path("audit/", views.audit_log, name="audit"),
     path("audit/verify/", views.audit_verify, name="audit_verify"),
     path("audit/<int:pk>/", views.audit_entry, name="audit_entry"),

@@ -15,13 +15,14 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
-from migrations_app import access, selectors
-from migrations_app.choices import AuditAction, AuditOutcome, Role
-from migrations_app.forms import AuditFilterForm, CommentForm, MigrateForm, RejectForm
+from migrations_app import access, notifications, selectors, windows
+from migrations_app.choices import AuditAction, AuditOutcome, NotificationCategory, RequestStatus, Role
+from migrations_app.forms import AuditFilterForm, CommentForm, MigrateForm, NotificationPreferencesForm, RejectForm
 from migrations_app.models import AuditEntry, Cluster, Host, MigrationRequest, VirtualMachine
 from migrations_app.services import requests as request_services
 from migrations_app.services.audit import audit_denied, audit_last_verdict, audit_verify_and_record
 from migrations_app.services.errors import ActionRefused
+from migrations_app.services.notifications import notification_preferences_set
 
 
 def client_ip(request) -> str | None:
@@ -107,7 +108,7 @@ def vm_migrate(request, pk: int):
                 mr = request_services.migration_request_submit(
                     requester=request.user, vm=vm, kind=d["kind"], reason=d["reason"],
                     target_host=d["target_host"], target_datastore=d["target_datastore"],
-                    start_after=d["start_after"], ip=client_ip(request),
+                    start_after=d["start_after"], window_end=d["window_end"], ip=client_ip(request),
                 )
             except ActionRefused as exc:
                 form.add_error(exc.field if exc.field in form.fields else None, exc.message)
@@ -175,6 +176,9 @@ def _detail_context(request, mr: MigrationRequest) -> dict:
         "recent_events": selectors.recent_run_events(run) if run else [],
         "can_decide": access.can_decide(request.user, mr),
         "can_cancel": access.can_cancel(request.user, mr),
+        "window_closed": windows.window_closed(mr) if mr.status in request_services.EXPIRABLE else "",
+        "expired_because": mr.audit.filter(action=AuditAction.REQUEST_EXPIRED).values_list("reason", flat=True).last()
+        if mr.status == RequestStatus.EXPIRED else "",
         "history": mr.audit.order_by("id"),
         "reject_form": RejectForm(),
         "comment_form": CommentForm(),
@@ -233,6 +237,26 @@ def request_reject(request, pk: int):
 @require_POST
 def request_cancel(request, pk: int):
     return _act(request, pk, request_services.migration_request_cancel, reason=request.POST.get("reason", "")[:2000])
+
+
+# -- notifications -----------------------------------------------------------------------------
+
+
+@login_required
+def notification_settings(request):
+    """Each user picks which notification categories reach them by e-mail."""
+    if request.method == "POST":
+        form = NotificationPreferencesForm(request.POST)
+        if form.is_valid():
+            wanted = set(form.cleaned_data["wanted"])
+            notification_preferences_set(user=request.user, muted=set(NotificationCategory.values) - wanted,
+                                         ip=client_ip(request))
+            messages.success(request, "Notification preferences saved.")
+            return redirect("notification_settings")
+        return render(request, "migrations_app/notifications.html", {"form": form}, status=400)
+    muted = notifications.muted_categories(request.user)
+    form = NotificationPreferencesForm(initial={"wanted": [c for c in NotificationCategory.values if c not in muted]})
+    return render(request, "migrations_app/notifications.html", {"form": form})
 
 
 # -- audit -------------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ CELERY_BEAT_SCHEDULE = {
     "audit-checkpoint": {"task": "migrations_app.tasks.audit_checkpoint", "schedule": 300.0},
     "reconcile-stale-runs": {"task": "migrations_app.tasks.reconcile_stale", "schedule": 20.0},
     "sync-inventory": {"task": "migrations_app.tasks.sync_all_inventories", "schedule": 300.0},
+    "resend-notifications": {"task": "migrations_app.tasks.resend_notifications", "schedule": 300.0},
 }
 
 # -- portal behaviour ------------------------------------------------------------------------
@@ -171,6 +172,14 @@ PORTAL = {
     "LOGIN_LOCKOUT_S": int(os.environ.get("PORTAL_LOGIN_LOCKOUT_S", "900")),
     # Pending requests expire after this many hours without a decision.
     "PENDING_EXPIRY_HOURS": float(os.environ.get("PORTAL_PENDING_EXPIRY_HOURS", "72")),
+    # Change windows: the shortest window a request may ask for, and how far ahead it may close.
+    "WINDOW_MIN_MINUTES": float(os.environ.get("PORTAL_WINDOW_MIN_MINUTES", "15")),
+    "WINDOW_MAX_DAYS": float(os.environ.get("PORTAL_WINDOW_MAX_DAYS", "30")),
+    # Notifications: the portal's address for links in e-mails and webhook payloads; webhook
+    # delivery gives up after this many seconds per attempt and this many retries (backoff 2^n s).
+    "BASE_URL": os.environ.get("PORTAL_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
+    "WEBHOOK_TIMEOUT_S": float(os.environ.get("PORTAL_WEBHOOK_TIMEOUT_S", "5")),
+    "WEBHOOK_MAX_RETRIES": int(os.environ.get("PORTAL_WEBHOOK_MAX_RETRIES", "5")),
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -216,4 +225,13 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
 }
-EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
+# Mail through Django's own settings: the console backend prints mails (the demo); a deployment sets
+# EMAIL_BACKEND=django.core.mail.backends.smtp.EmailBackend and EMAIL_HOST & co. Tests use locmem.
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = int(os.environ.get("EMAIL_PORT", "25"))
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = 10
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "migration-portal@localhost")

@@ -70,6 +70,7 @@ def request_json(mr: MigrationRequest) -> dict:
         "target_datastore": mr.target_datastore.name if mr.target_datastore_id else None,
         "reason": mr.reason,
         "start_after": mr.start_after.isoformat() if mr.start_after else None,
+        "window_end": mr.window_end.isoformat() if mr.window_end else None,
         "decided_by": mr.decided_by.username if mr.decided_by_id else None,
         "decision_comment": mr.decision_comment,
         "run": None if run is None else {
@@ -97,25 +98,33 @@ def requests_collection(request):
         ds = Datastore.objects.filter(pk=ds_id, connection=vm.connection).first() if ds_id is not None else None
         if ds_id is not None and ds is None:
             raise ActionRefused("no such datastore on this VM's connection", field="target_datastore_id")
-        start_after = _datetime(data.get("start_after"))
+        # "As soon as approved" (neither) or a change window (both ends).
+        start_after, window_end = _datetime(data, "start_after"), _datetime(data, "window_end")
+        if (start_after is None) != (window_end is None):
+            raise ActionRefused("give both start_after and window_end for a window, or neither",
+                                field="window_end" if start_after else "start_after")
         kind = data.get("kind") or request_services.kind_for(host, ds)
         if not isinstance(kind, str) or not isinstance(data.get("reason", ""), str):
             raise ActionRefused("kind and reason must be strings")
         mr = request_services.migration_request_submit(
             requester=request.user, vm=vm, kind=kind, reason=data.get("reason", ""), target_host=host,
-            target_datastore=ds, start_after=start_after, ip=client_ip(request),
+            target_datastore=ds, start_after=start_after, window_end=window_end, ip=client_ip(request),
         )
     except ActionRefused as exc:
         return _error(exc.message, 403 if exc.denied else 400, exc.field)
     return JsonResponse(request_json(mr), status=201)
 
 
-def _datetime(value) -> datetime | None:
+def _datetime(data: dict, key: str) -> datetime | None:
+    value = data.get(key)
     if value in (None, ""):
         return None
-    parsed = parse_datetime(value) if isinstance(value, str) else None
+    try:
+        parsed = parse_datetime(value) if isinstance(value, str) else None
+    except ValueError:  # well-formed but impossible (month 13)
+        parsed = None
     if parsed is None or parsed.tzinfo is None:
-        raise ActionRefused("start_after must be an ISO 8601 time with a time zone", field="start_after")
+        raise ActionRefused(f"{key} must be an ISO 8601 time with a time zone", field=key)
     return parsed
 
 

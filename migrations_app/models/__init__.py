@@ -9,6 +9,7 @@ from migrations_app.models.inventory import (
     VirtualDisk,
     VirtualMachine,
 )
+from migrations_app.models.notifications import NotificationDelivery, NotificationPreference, Webhook
 from migrations_app.models.requests import MigrationRequest
 from migrations_app.models.runs import MigrationRun, RunEvent
 
@@ -22,7 +23,10 @@ __all__ = [
     "MigrationRequest",
     "MigrationRun",
     "Network",
+    "NotificationDelivery",
+    "NotificationPreference",
     "RunEvent",
     "VirtualDisk",
     "VirtualMachine",
+    "Webhook",
 ]

@@ -24,7 +24,11 @@ class MigrationRequest(models.Model):
         "migrations_app.Datastore", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     reason = models.TextField()
-    start_after = models.DateTimeField(null=True, blank=True, help_text="Empty: as soon as approved.")
+    # The change window: the run starts no earlier than ``start_after`` and never after
+    # ``window_end``; both empty: as soon as approved. A request whose window closes before its
+    # run starts expires (``services.requests.migration_request_expire_stale``).
+    start_after = models.DateTimeField(null=True, blank=True, help_text="Window start. Empty: as soon as approved.")
+    window_end = models.DateTimeField(null=True, blank=True, help_text="Window end. Empty: no deadline.")
     status = models.CharField(
         max_length=20, choices=RequestStatus.choices, default=RequestStatus.PENDING_APPROVAL, db_index=True
     )
@@ -48,6 +52,19 @@ class MigrationRequest(models.Model):
     @property
     def kind_label(self) -> str:
         return {"compute": "compute", "storage": "storage", "both": "compute and storage"}[self.kind]
+
+    @property
+    def window_text(self) -> str:
+        """The change window in words, as pages and messages show it."""
+        from migrations_app.windows import utc_text
+
+        if self.start_after and self.window_end:
+            return f"between {utc_text(self.start_after)} and {utc_text(self.window_end)}"
+        if self.window_end:
+            return f"as soon as approved, until {utc_text(self.window_end)}"
+        if self.start_after:
+            return f"not before {utc_text(self.start_after)}"
+        return "as soon as approved"
 
     @property
     def target_summary(self) -> str:

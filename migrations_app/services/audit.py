@@ -147,7 +147,7 @@ def audit_verify_chain() -> audit_chain.Verdict:
 
 # -- configuration changes made by admins ----------------------------------------------------------
 
-SECRET_FIELDS = frozenset({"password", "password_encrypted"})
+SECRET_FIELDS = frozenset({"password", "password_encrypted", "secret", "secret_encrypted"})
 
 
 def snapshot(obj, fields) -> dict:

@@ -6,17 +6,19 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from migrations_app import access, events, policy
-from migrations_app.choices import AuditAction, MigrationKind, RequestStatus
-from migrations_app.models import Datastore, Host, MigrationRequest, VirtualMachine
+from migrations_app import access, events, notifications, policy, windows
+from migrations_app.choices import AuditAction, MigrationKind, NotificationCategory, RequestStatus
+from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_denied, audit_record
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.preflight import check_move
 
 S = RequestStatus
+N = NotificationCategory
 
 
 def set_status(request: MigrationRequest, target: str) -> str:
@@ -44,7 +46,31 @@ def _lock(request: MigrationRequest) -> MigrationRequest:
 
 
 def _start_is_due(request: MigrationRequest, now: datetime) -> bool:
-    return request.start_after is None or request.start_after <= now
+    return not windows.window_not_open_yet(request, now)
+
+
+# Statuses a closed window or an expiry pass can end: nothing has started on the hypervisor yet.
+EXPIRABLE = frozenset({S.PENDING_APPROVAL, S.APPROVED, S.QUEUED})
+
+
+def expire_locked(request: MigrationRequest, *, reason: str, now: datetime, run=None) -> None:
+    """Expire a (locked) request that has not started, with its reason, audited in the caller's
+    transaction. A queued run is closed with an explanation the VM owner reads on the page."""
+    from migrations_app.services.runs import append_run_event
+
+    set_status(request, S.EXPIRED)
+    request.save(update_fields=["status", "updated_at"])
+    run = run if run is not None else getattr(request, "run", None)
+    if run is not None:
+        run.finished_at = now
+        run.wait_reason = ""
+        run.explanation = f"Not started: {reason}. The VM did not move."
+        run.save(update_fields=["finished_at", "wait_reason", "explanation"])
+        append_run_event(run, status=request.status, message=f"expired: {reason}")
+    audit_record(actor=None, action=AuditAction.REQUEST_EXPIRED, request=request, reason=reason,
+                 data={"window_end": request.window_end.isoformat() if request.window_end else None})
+    notify_request_changed(request)
+    notifications.notify(request, N.EXPIRED, detail=reason)
 
 
 def migration_request_submit(
@@ -56,9 +82,11 @@ def migration_request_submit(
     target_host: Host | None = None,
     target_datastore: Datastore | None = None,
     start_after: datetime | None = None,
+    window_end: datetime | None = None,
     ip: str | None = None,
 ) -> MigrationRequest:
-    """A VM owner asks for a live migration. The policy may approve it at once."""
+    """A VM owner asks for a live migration, as soon as approved or within a change window
+    (``start_after`` .. ``window_end``; see ``migrations_app.windows``). The policy may approve it at once."""
     verdict = access.can_request_migration(requester, vm)
     if not verdict:
         audit_denied(actor=requester, action=AuditAction.REQUEST_SUBMITTED, reason=verdict.reason, ip=ip,
@@ -67,8 +95,9 @@ def migration_request_submit(
     reason = (reason or "").strip()
     if not reason:
         raise ActionRefused("say why this VM should move", field="reason")
-    if start_after is not None and start_after < timezone.now() - timedelta(minutes=1):
-        raise ActionRefused("the start time is in the past", field="start_after")
+    problem = windows.window_problem(start_after, window_end, now=timezone.now())
+    if problem:
+        raise ActionRefused(problem[1], field=problem[0])
 
     with transaction.atomic():
         # Lock the VM row: two submissions for one VM queue here, and the second sees the first.
@@ -90,6 +119,7 @@ def migration_request_submit(
             target_datastore=target_datastore,
             reason=reason,
             start_after=start_after,
+            window_end=window_end,
             source_placement=vm.placement_snapshot(),
         )
         decision = policy.evaluate(request)
@@ -104,11 +134,13 @@ def migration_request_submit(
             before=request.source_placement,
             after=_target_snapshot(request),
             data={"kind": kind, "start_after": start_after.isoformat() if start_after else None,
-                  "policy": decision.note},
+                  "window_end": window_end.isoformat() if window_end else None, "policy": decision.note},
         )
         if decision.auto_approve:
             _approve_locked(request, approver=None, comment=decision.note, ip=None,
                             action=AuditAction.REQUEST_AUTO_APPROVED)
+        else:
+            notifications.notify(request, N.APPROVAL_WAITING)
         notify_request_changed(request)
     return request
 
@@ -133,6 +165,7 @@ def _approve_locked(request: MigrationRequest, *, approver, comment: str, ip: st
     request.decision_comment = comment
     request.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
     audit_record(actor=approver, action=action, request=request, reason=comment, ip=ip)
+    notifications.notify(request, N.DECISION, occasion="approved", actor=approver, detail=comment)
     if _start_is_due(request, now):
         migration_run_enqueue(request=request, actor=approver)
 
@@ -155,37 +188,61 @@ def _refusable(action: AuditAction):
     return wrap
 
 
+def _expire_if_window_closed(request: MigrationRequest, verdict: access.Verdict) -> str:
+    """A decision refused because the request's window closed expires it in the same call (the
+    expiry commits even though the decision is refused). Returns the reason, or ''."""
+    now = timezone.now()
+    closed = windows.window_closed(request, now)
+    if verdict.conflict and closed and request.status in EXPIRABLE:
+        expire_locked(request, reason=closed, now=now)
+        return closed
+    return ""
+
+
+def _refuse_decision(request: MigrationRequest, verdict: access.Verdict, expired: str) -> None:
+    if expired:
+        raise ActionRefused(f"{expired}, so the request has expired; nothing can be decided any more", conflict=True)
+    raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
+
+
 @_refusable(AuditAction.REQUEST_APPROVED)
 def migration_request_approve(*, request: MigrationRequest, actor, comment: str = "", ip: str | None = None) -> MigrationRequest:
-    """An approver approves; the run is queued at once unless the request starts later."""
+    """An approver approves; the run is queued at once unless its window opens later.
+    Approval after the window closed is refused and expires the request."""
     with transaction.atomic():
         request = _lock(request)
         verdict = access.can_decide(actor, request)
-        if not verdict:
-            raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
-        _approve_locked(request, approver=actor, comment=(comment or "").strip(), ip=ip)
-        notify_request_changed(request)
+        expired = "" if verdict else _expire_if_window_closed(request, verdict)
+        if verdict:
+            _approve_locked(request, approver=actor, comment=(comment or "").strip(), ip=ip)
+            notify_request_changed(request)
+    if not verdict:
+        _refuse_decision(request, verdict, expired)
     return request
 
 
 @_refusable(AuditAction.REQUEST_REJECTED)
 def migration_request_reject(*, request: MigrationRequest, actor, reason: str, ip: str | None = None) -> MigrationRequest:
-    """An approver rejects, with a reason the requester will read."""
+    """An approver rejects, with a reason the requester will read. A request whose window closed
+    cannot be rejected any more: it expires instead."""
     reason = (reason or "").strip()
     with transaction.atomic():
         request = _lock(request)
         verdict = access.can_decide(actor, request)
-        if not verdict:
-            raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
-        if not reason:
-            raise ActionRefused("a rejection needs a reason the requester can act on", field="reason")
-        set_status(request, S.REJECTED)
-        request.decided_by = actor
-        request.decided_at = timezone.now()
-        request.decision_comment = reason
-        request.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
-        audit_record(actor=actor, action=AuditAction.REQUEST_REJECTED, request=request, reason=reason, ip=ip)
-        notify_request_changed(request)
+        expired = "" if verdict else _expire_if_window_closed(request, verdict)
+        if verdict:
+            if not reason:
+                raise ActionRefused("a rejection needs a reason the requester can act on", field="reason")
+            set_status(request, S.REJECTED)
+            request.decided_by = actor
+            request.decided_at = timezone.now()
+            request.decision_comment = reason
+            request.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
+            audit_record(actor=actor, action=AuditAction.REQUEST_REJECTED, request=request, reason=reason, ip=ip)
+            notifications.notify(request, N.DECISION, occasion="rejected", actor=actor, detail=reason)
+            notify_request_changed(request)
+    if not verdict:
+        _refuse_decision(request, verdict, expired)
     return request
 
 
@@ -221,26 +278,35 @@ def migration_request_cancel(*, request: MigrationRequest, actor, reason: str = 
                 run.save(update_fields=["finished_at", "explanation"])
                 append_run_event(run, status=request.status, message="cancelled before it started")
             audit_record(actor=actor, action=AuditAction.REQUEST_CANCELLED, request=request, reason=reason, ip=ip)
+            notifications.notify(request, N.CANCELLED, actor=actor, detail=reason)
         request.save(update_fields=["status", "updated_at"])
         notify_request_changed(request)
     return request
 
 
 def migration_request_expire_stale(*, now: datetime | None = None) -> int:
-    """The scheduler expires requests nobody decided on in time. Returns how many expired."""
+    """The scheduler expires what can no longer happen: requests nobody decided on within
+    ``PORTAL["PENDING_EXPIRY_HOURS"]``, and pending, approved or queued requests whose change window
+    closed before their run started. Returns how many expired."""
     now = now or timezone.now()
-    cutoff = now - timedelta(hours=settings.PORTAL["PENDING_EXPIRY_HOURS"])
+    hours = settings.PORTAL["PENDING_EXPIRY_HOURS"]
+    cutoff = now - timedelta(hours=hours)
+    candidates = MigrationRequest.objects.filter(
+        Q(status=S.PENDING_APPROVAL, created_at__lt=cutoff) | Q(status__in=EXPIRABLE, window_end__lte=now)
+    ).order_by("pk").values_list("pk", flat=True)
     count = 0
-    for pk in MigrationRequest.objects.filter(status=S.PENDING_APPROVAL, created_at__lt=cutoff).values_list("pk", flat=True):
+    for pk in candidates:
         with transaction.atomic():
             request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(pk=pk)
-            if request.status != S.PENDING_APPROVAL:
-                continue  # decided meanwhile
-            set_status(request, S.EXPIRED)
-            request.save(update_fields=["status", "updated_at"])
-            audit_record(actor=None, action=AuditAction.REQUEST_EXPIRED, request=request,
-                         reason=f"no decision within {settings.PORTAL['PENDING_EXPIRY_HOURS']:g} hours")
-            notify_request_changed(request)
+            if request.status not in EXPIRABLE:
+                continue  # decided, started or withdrawn meanwhile
+            reason = windows.window_closed(request, now)
+            if not reason and request.status == S.PENDING_APPROVAL and request.created_at < cutoff:
+                reason = f"no decision within {hours:g} hours"
+            if not reason:
+                continue
+            run = MigrationRun.objects.select_for_update(of=("self",)).filter(request=request).first()
+            expire_locked(request, reason=reason, now=now, run=run)
             count += 1
     return count
 

@@ -23,12 +23,20 @@ from django.db.models import F
 from django.utils import timezone
 
 from drivers import base as drv
-from migrations_app import admission, events
-from migrations_app.choices import TERMINAL, AuditAction, AuditOutcome, MigrationKind, Phase, RequestStatus
+from migrations_app import admission, events, notifications, windows
+from migrations_app.choices import (
+    TERMINAL,
+    AuditAction,
+    AuditOutcome,
+    MigrationKind,
+    NotificationCategory,
+    Phase,
+    RequestStatus,
+)
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
 from migrations_app.services.audit import audit_record
 from migrations_app.services.errors import ActionRefused
-from migrations_app.services.requests import notify_request_changed, set_status
+from migrations_app.services.requests import expire_locked, notify_request_changed, set_status
 
 log = logging.getLogger(__name__)
 S = RequestStatus
@@ -126,14 +134,16 @@ def migration_run_redispatch_stale(*, older_than_s: float = 300.0) -> int:
 
 
 def migration_request_start_due(*, now=None) -> int:
-    """Queue approved requests whose start time has come. Returns how many were queued."""
+    """Queue approved requests whose window has opened (and not closed: the expiry pass ends
+    those). Returns how many were queued."""
     now = now or timezone.now()
     count = 0
-    due = MigrationRequest.objects.filter(status=S.APPROVED, start_after__lte=now).values_list("pk", flat=True)
+    due = MigrationRequest.objects.filter(status=S.APPROVED, start_after__lte=now).exclude(
+        window_end__lte=now).values_list("pk", flat=True)
     for pk in due:
         with transaction.atomic():
             request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(pk=pk)
-            if request.status != S.APPROVED:
+            if request.status != S.APPROVED or windows.window_closed(request, now):
                 continue
             migration_run_enqueue(request=request, actor=None)
             notify_request_changed(request)
@@ -222,6 +232,19 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
         if request.status != S.QUEUED:
             log.info("run %s is %s, not queued; not starting it", run_id, request.status)
             return None
+        # A run never starts outside its change window: past its end it expires, before its
+        # start it waits (its message is consumed; dispatch_admissible sends a new one).
+        now = timezone.now()
+        if closed := windows.window_closed(request, now):
+            expire_locked(request, reason=closed, now=now, run=run)
+            return None
+        if not_yet := windows.window_not_open_yet(request, now):
+            run.dispatched_at = None
+            if not_yet != run.wait_reason:
+                run.wait_reason = not_yet
+                append_run_event(run, status=request.status, message=f"waiting: {not_yet}")
+            run.save(update_fields=["wait_reason", "dispatched_at"])
+            return None
         decision, _ = admission_decision(connection)
         if request.pk in decision.waiting:
             why = f"{decision.waiting[request.pk]} (place {decision.place[request.pk]} in line)"
@@ -234,7 +257,6 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
         run.wait_reason = ""
         set_status(request, S.RUNNING)
         request.save(update_fields=["status", "updated_at"])
-        now = timezone.now()
         run.worker = worker
         run.started_at = now
         run.heartbeat_at = now
@@ -244,6 +266,7 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
                      object_id=str(run.pk), before=request.source_placement, data={"worker": worker})
         append_run_event(run, status=request.status, message=f"started by {worker}")
         notify_request_changed(request)
+        notifications.notify(request, NotificationCategory.RUN_STARTED, occasion=f"run-{run.pk}")
     return run
 
 
@@ -284,7 +307,9 @@ def migration_run_execute(*, run_id: int, worker: str) -> None:
         outcome.error, outcome.traceback = exc, traceback.format_exc()
     else:
         if problem:
-            outcome.error = drv.MigrationFailed(f"Pre-flight at start failed: {problem}. Nothing was moved.")
+            # Stopped before the driver's migrate is called; the explanation reaches the page and the audit log.
+            outcome.error = drv.MigrationFailed(f"Pre-flight at start failed, the world changed: {problem}. "
+                                                "Nothing was moved.")
         else:
             outcome = _drive(run, driver, spec)
     migration_run_finish(run=run, outcome=outcome)
@@ -510,10 +535,19 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
             audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=request, task_id=run.task_id,
                          reason=reconciled_by)
         notify_request_changed(request)
+        notifications.notify(request, _OUTCOME_CATEGORY[target], occasion=f"run-{run.pk}", detail=run.explanation)
         # Its resources are free again: start what was waiting for them.
         connection_id = request.vm.connection_id
         transaction.on_commit(lambda: dispatch_admissible(connection_id), robust=True)
     return True
+
+
+_OUTCOME_CATEGORY = {
+    S.SUCCEEDED: NotificationCategory.RUN_SUCCEEDED,
+    S.FAILED: NotificationCategory.RUN_FAILED,
+    S.ERRORED: NotificationCategory.RUN_FAILED,
+    S.CANCELLED: NotificationCategory.CANCELLED,
+}
 
 
 def _placement_text(snapshot: dict) -> str:

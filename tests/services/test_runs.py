@@ -256,6 +256,6 @@ def test_a_run_whose_target_changed_after_approval_stops_at_start_with_the_reaso
     run.refresh_from_db()
     vm.refresh_from_db()
     assert run.request.status == RequestStatus.FAILED
-    assert run.explanation == (f"Pre-flight at start failed: {target.name} is in maintenance mode. "
+    assert run.explanation == (f"Pre-flight at start failed, the world changed: {target.name} is in maintenance mode. "
                                "Nothing was moved.")
     assert vm.host != target and not run.task_id

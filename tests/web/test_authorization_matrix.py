@@ -51,6 +51,7 @@ READS = [
     ("/vms/{vm}/migrate/datastores/", {"alice", "erin", "dave", "carol"}),
     ("/requests/{mr}/", {"alice", "erin", "dave", "carol"}),
     ("/approvals/", {"erin", "carol"}),
+    ("/notifications/", EVERYONE),
     ("/audit/", {"dave", "carol"}),
     ("/audit/export.json", {"dave", "carol"}),
     ("/api/requests/", EVERYONE),

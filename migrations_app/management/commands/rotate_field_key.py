@@ -1,4 +1,5 @@
-"""Re-encrypt every stored hypervisor password under a new key, then make that key current.
+"""Re-encrypt every stored secret (hypervisor passwords, webhook secrets) under a new key, then
+make that key current.
 
     manage.py rotate_field_key                 # new random key, written to var/field.key
     NEW_KEY=... manage.py rotate_field_key --new-key-env NEW_KEY   # a key you generated
@@ -17,7 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from migrations_app.choices import AuditAction
-from migrations_app.models import HypervisorConnection
+from migrations_app.models import HypervisorConnection, Webhook
 from migrations_app.secrets import decrypt, install_key, rotate_token
 from migrations_app.services.audit import audit_record
 
@@ -40,8 +41,13 @@ class Command(BaseCommand):
                 decrypt(conn.password_encrypted)  # fails loudly now, not after half the rows moved
                 conn.password_encrypted = rotate_token(conn.password_encrypted, new_key)
                 conn.save(update_fields=["password_encrypted"])
+            hooks = list(Webhook.objects.select_for_update().exclude(secret_encrypted=""))
+            for hook in hooks:
+                decrypt(hook.secret_encrypted)
+                hook.secret_encrypted = rotate_token(hook.secret_encrypted, new_key)
+                hook.save(update_fields=["secret_encrypted"])
             audit_record(actor=None, action=AuditAction.KEY_ROTATED, object_type="field_key",
-                         reason=f"{len(conns)} connection password(s) re-encrypted")
+                         reason=f"{len(conns)} connection password(s) and {len(hooks)} webhook secret(s) re-encrypted")
             written = install_key(new_key)
         if written:
             self.stdout.write(self.style.SUCCESS(f"{len(conns)} password(s) re-encrypted; new key in var/field.key"))

@@ -1,0 +1,231 @@
+"""Notifications: e-mail to the people a change concerns, and signed JSON to webhooks.
+
+Services call ``notify`` inside the transaction of the change: it records one
+``NotificationDelivery`` per recipient (the unique constraint makes a repeat for the same occasion
+impossible) and, on commit, hands each new one to the ``deliver_notification`` task, which calls
+``deliver``. A mail server or webhook that is down never breaks the request's own flow: the task
+retries with backoff and records the failure on the delivery.
+
+Who gets what: ``approval_waiting`` goes to ``selectors.current_approvers(request)``; every other
+category goes to the requester. Nobody is told about their own action, and muted categories
+(``NotificationPreference``) are not mailed. Webhooks get every category they subscribe to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import smtplib
+import time
+import urllib.error
+import urllib.request
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import transaction
+from django.utils import timezone
+
+from migrations_app import selectors
+from migrations_app.choices import DeliveryStatus, NotificationCategory
+from migrations_app.models import MigrationRequest, NotificationDelivery, NotificationPreference, Webhook
+
+log = logging.getLogger(__name__)
+C = NotificationCategory
+
+SIGNATURE_HEADER = "X-Portal-Signature"
+TIMESTAMP_HEADER = "X-Portal-Timestamp"
+
+
+class DeliveryFailed(Exception):
+    """Sending failed this time (mail server or webhook down, non-2xx answer); worth a retry."""
+
+
+def _subject(request: MigrationRequest, category: str) -> str:
+    what = f"#{request.pk} {request.kind_label} move of {request.vm.name}"
+    return {
+        C.APPROVAL_WAITING: f"Waiting for your approval: {what}",
+        C.DECISION: f"{request.get_status_display()}: {what}",
+        C.RUN_STARTED: f"Started: {what}",
+        C.RUN_SUCCEEDED: f"Succeeded: {what}",
+        C.RUN_FAILED: f"{request.get_status_display()}: {what}",
+        C.CANCELLED: f"Cancelled: {what}",
+        C.EXPIRED: f"Expired: {what}",
+    }[category]
+
+
+def request_url(request: MigrationRequest) -> str:
+    return f"{settings.PORTAL['BASE_URL']}/requests/{request.pk}/"
+
+
+def _body(request: MigrationRequest, category: str, detail: str) -> str:
+    lines = [
+        _subject(request, category),
+        "",
+        f"VM: {request.vm.name}",
+        f"Move: {request.source_placement.get('host', '?')} -> {request.target_summary}",
+        f"When: {request.window_text}",
+        f"Requested by: {request.requester.username}",
+        f"Reason: {request.reason}",
+        f"Status: {request.get_status_display()}",
+    ]
+    if detail:
+        lines.append(f"Details: {detail}")
+    lines += ["", f"Open it: {request_url(request)}", "",
+              "You can mute categories of these mails under Notifications in the portal."]
+    return "\n".join(lines)
+
+
+def payload(request: MigrationRequest, category: str, detail: str) -> dict:
+    """What a webhook receives (JSON)."""
+    return {
+        "category": category,
+        "request": {
+            "id": request.pk,
+            "status": request.status,
+            "kind": request.kind,
+            "vm": request.vm.name,
+            "requester": request.requester.username,
+            "target": request.target_summary,
+            "window": request.window_text,
+            "url": request_url(request),
+        },
+        "detail": detail,
+        "at": timezone.now().isoformat(),
+    }
+
+
+def muted_categories(user) -> set[str]:
+    pref = NotificationPreference.objects.filter(user=user).values_list("muted", flat=True).first()
+    return set(pref or [])
+
+
+def notify(request: MigrationRequest, category: str, *, occasion: str = "", actor=None, detail: str = "") -> list[int]:
+    """Record who must hear about this change (call inside the service's transaction) and send on
+    commit. Returns the ids of the deliveries recorded now (a repeat of an occasion records none)."""
+    if category not in C.values:
+        raise ValueError(f"unknown notification category {category!r}")
+    users = selectors.current_approvers(request) if category == C.APPROVAL_WAITING else [request.requester]
+    actor_id = getattr(actor, "pk", None)
+    subject, body, data = _subject(request, category), _body(request, category, detail), payload(request, category, detail)
+    new: list[int] = []
+
+    def record(recipient: str, **fields) -> None:
+        delivery, created = NotificationDelivery.objects.get_or_create(
+            request=request, category=category, recipient=recipient, occasion=occasion,
+            defaults={"subject": subject[:200], "body": body, "payload": data, **fields},
+        )
+        if created and delivery.status == DeliveryStatus.PENDING:
+            new.append(delivery.pk)
+
+    for user in users:
+        if user.pk == actor_id or category in muted_categories(user):
+            continue
+        status = DeliveryStatus.PENDING if user.email else DeliveryStatus.SKIPPED
+        record(f"user:{user.pk}", channel=NotificationDelivery.EMAIL, user=user, address=user.email, status=status,
+               last_error="" if user.email else "the user has no e-mail address")
+    for hook in Webhook.objects.filter(active=True):
+        if hook.wants(category):
+            record(f"webhook:{hook.pk}", channel=NotificationDelivery.WEBHOOK, webhook=hook, address=hook.url)
+    if new:
+        transaction.on_commit(lambda: _enqueue(new), robust=True)
+    return new
+
+
+def _enqueue(delivery_ids: list[int]) -> None:
+    from migrations_app.tasks import deliver_notification
+
+    for pk in delivery_ids:
+        deliver_notification.delay(pk)
+
+
+# -- sending ----------------------------------------------------------------------------------
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The signature header's value: HMAC-SHA256 over "<timestamp>." + the raw body."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect is an answer we do not follow: the signed body goes where it was configured
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
+def _post_webhook(delivery: NotificationDelivery) -> None:
+    hook = delivery.webhook
+    body = json.dumps({**delivery.payload, "delivery": delivery.pk}, sort_keys=True).encode()
+    timestamp = str(int(time.time()))
+    req = urllib.request.Request(hook.url, data=body, method="POST", headers={
+        "Content-Type": "application/json",
+        "User-Agent": "migration-portal",
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: sign(hook.get_secret(), timestamp, body),
+    })
+    try:
+        with _opener.open(req, timeout=settings.PORTAL["WEBHOOK_TIMEOUT_S"]) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        raise DeliveryFailed(f"{hook.url} answered {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise DeliveryFailed(f"{hook.url} unreachable: {getattr(exc, 'reason', exc)}") from None
+    if not 200 <= status < 300:
+        raise DeliveryFailed(f"{hook.url} answered {status}")
+
+
+def _send_mail(delivery: NotificationDelivery) -> None:
+    try:
+        send_mail(delivery.subject, delivery.body, None, [delivery.address])
+    except (smtplib.SMTPException, OSError) as exc:
+        raise DeliveryFailed(f"mail to {delivery.address} failed: {exc}") from None
+
+
+def claim_attempt(delivery: NotificationDelivery) -> bool:
+    """Count one attempt, compare-and-set on the count as read: of two task messages for one
+    delivery (a resend racing the original), only one sends."""
+    return bool(NotificationDelivery.objects.filter(
+        pk=delivery.pk, status=DeliveryStatus.PENDING, attempts=delivery.attempts).update(attempts=delivery.attempts + 1))
+
+
+def deliver(delivery_id: int) -> bool:
+    """Send one recorded delivery once. True when sent (or already sent); raises DeliveryFailed
+    (recorded on the delivery) when this attempt failed."""
+    delivery = NotificationDelivery.objects.select_related("webhook").filter(pk=delivery_id).first()
+    if delivery is None or delivery.status != DeliveryStatus.PENDING:
+        return delivery is not None and delivery.status == DeliveryStatus.SENT
+    if not claim_attempt(delivery):
+        return False  # another message for this delivery is sending it
+    try:
+        if delivery.channel == NotificationDelivery.WEBHOOK:
+            _post_webhook(delivery)
+        else:
+            _send_mail(delivery)
+    except DeliveryFailed as exc:
+        NotificationDelivery.objects.filter(pk=delivery.pk).update(last_error=str(exc)[:500])
+        log.warning("notification %s: %s", delivery.pk, exc)
+        raise
+    NotificationDelivery.objects.filter(pk=delivery.pk).update(status=DeliveryStatus.SENT, sent_at=timezone.now(),
+                                                              last_error="")
+    return True
+
+
+def resend_unsent(*, older_than_s: float = 600.0) -> list[int]:
+    """Hand again to the workers the deliveries never tried (their message was lost with the
+    broker); beat runs this. Returns their ids."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_s)
+    ids = list(NotificationDelivery.objects.filter(status=DeliveryStatus.PENDING, attempts=0, created_at__lt=cutoff)
+               .order_by("pk").values_list("pk", flat=True)[:500])
+    _enqueue(ids)
+    return ids
+
+
+def give_up(delivery_id: int) -> None:
+    """The last retry failed: the delivery is failed for good (its last_error says why)."""
+    NotificationDelivery.objects.filter(pk=delivery_id, status=DeliveryStatus.PENDING).update(
+        status=DeliveryStatus.FAILED)
