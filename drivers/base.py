@@ -382,6 +382,18 @@ class Driver(abc.ABC):
         """The state of a migration task started earlier (crash recovery)."""
         raise Unsupported("this driver cannot look up earlier tasks")
 
+    def migration_tasks(self, vm_ref: str, *, since: float) -> tuple[TaskInfo, ...]:
+        """The migration tasks the hypervisor started on this VM since ``since`` (Unix time), oldest
+        first. Crash recovery asks it when a worker died before it could record the task id: did
+        the move start? Drivers with TASK_LOOKUP implement it."""
+        raise Unsupported("this driver cannot list a VM's tasks")
+
+    def cancel_task(self, task_id: str) -> TaskInfo:
+        """Ask the hypervisor to abort a migration task whose worker is lost, and wait a short
+        while for it to end. Returns the task's state then (RUNNING: it has not ended yet; a task
+        that had already ended keeps its state). Raises Unsupported where the hypervisor cannot."""
+        raise Unsupported("this driver cannot abort a task started by another process")
+
     # -- write side ------------------------------------------------------------------------
     @abc.abstractmethod
     def migrate(

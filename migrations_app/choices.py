@@ -128,6 +128,7 @@ class AuditAction(models.TextChoices):
     USER_LOGIN = "user.login", "Logged in"
     USER_LOGIN_FAILED = "user.login_failed", "Login failed"
     USER_LOGOUT = "user.logout", "Logged out"
+    RUN_WATCHDOG_ABORT = "run.watchdog_abort", "Run aborted by the watchdog"
 
 
 class AuditOutcome(models.TextChoices):

@@ -283,11 +283,26 @@ def migration_run_execute(*, run_id: int, worker: str) -> None:
     except (ValueError, LookupError) as exc:  # broken configuration: our side
         outcome.error, outcome.traceback = exc, traceback.format_exc()
     else:
+        gate = _start_gate(run) if not problem else S.RUNNING
         if problem:
             outcome.error = drv.MigrationFailed(f"Pre-flight at start failed: {problem}. Nothing was moved.")
+        elif gate in TERMINAL:
+            log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, gate)
+            return
+        elif gate == S.CANCELLING:
+            outcome.error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
         else:
             outcome = _drive(run, driver, spec)
     migration_run_finish(run=run, outcome=outcome)
+
+
+def _start_gate(run: MigrationRun) -> str:
+    """Last look before the hypervisor is asked to move anything: renew the heartbeat and return
+    the request's status. A run the reconciler settled meanwhile (this worker was judged lost) or
+    one cancelled during pre-flight is never started. With the heartbeat renewed here, the
+    reconciler can only judge this worker lost if starting the task takes longer than
+    STALE_AFTER_S, which the setting's rule (above the driver's request timeout) excludes."""
+    return _heartbeat(run)
 
 
 def _preflight_at_start(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> str:
