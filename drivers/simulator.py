@@ -186,6 +186,8 @@ class SimulatorDriver(Driver):
         | Capability.CANCEL
         | Capability.PROGRESS
         | Capability.TASK_LOOKUP
+        | Capability.TASKS_BY_VM
+        | Capability.TASK_ABORT
     )
 
     def __init__(self, config: ConnectionConfig):

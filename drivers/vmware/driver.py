@@ -75,6 +75,8 @@ class VCenterDriver(Driver):
         | Capability.COMBINED_MIGRATION
         | Capability.PROGRESS
         | Capability.TASK_LOOKUP
+        | Capability.TASKS_BY_VM
+        | Capability.TASK_ABORT  # CancelTask; vcsim's tasks end within the call, so it proves the ended case
     )
 
     def __init__(self, config: ConnectionConfig):

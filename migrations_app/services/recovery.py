@@ -78,8 +78,8 @@ def _find_task(run: MigrationRun, driver: drv.Driver) -> drv.TaskInfo | None:
     the claim (the worker died before storing its id). None: the hypervisor started none."""
     if run.task_id:
         return driver.task_info(run.task_id)
-    if not driver.supports(drv.Capability.TASK_LOOKUP):
-        return None
+    if not driver.supports(drv.Capability.TASKS_BY_VM):
+        return None  # only the placement can tell (libvirt reports its task id before the job starts)
     since = run.started_at.timestamp() - CLOCK_SKEW_S
     earlier = set(MigrationRun.objects.filter(request__vm_id=run.request.vm_id).exclude(pk=run.pk)
                   .exclude(task_id="").values_list("task_id", flat=True))
@@ -123,6 +123,8 @@ def _reconcile(run_id: int, cutoff, now) -> str:
     try:
         driver = driver_for(run.request.vm.connection)
         observation, task, placement = _observe(run, driver, now)
+        if not driver.supports(drv.Capability.TASK_ABORT):
+            observation = _replace(observation, can_abort=False)
         decision = watchdog.decide(observation)
         if decision.verdict == V.ABORT:
             _audit_abort(run, task, decision.reason, cutoff)
