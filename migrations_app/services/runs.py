@@ -283,13 +283,12 @@ def migration_run_execute(*, run_id: int, worker: str) -> None:
     except (ValueError, LookupError) as exc:  # broken configuration: our side
         outcome.error, outcome.traceback = exc, traceback.format_exc()
     else:
-        gate = _start_gate(run) if not problem else S.RUNNING
         if problem:
             outcome.error = drv.MigrationFailed(f"Pre-flight at start failed: {problem}. Nothing was moved.")
-        elif gate in TERMINAL:
-            log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, gate)
+        elif (status := _start_gate(run)) in TERMINAL:
+            log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, status)
             return
-        elif gate == S.CANCELLING:
+        elif status == S.CANCELLING:
             outcome.error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
         else:
             outcome = _drive(run, driver, spec)

@@ -111,7 +111,7 @@ def test_workers_killed_at_random_points_on_the_simulator_lose_and_double_nothin
         return (starts, {vm.ref: hosts[vm.ref] == targets[vm.pk].ref for vm in vms},
                 {vm.ref: hosts[vm.ref] == sources[vm.ref] for vm in vms})
 
-    counts = run_chaos(tmp_path, seed, vms, targets, events=(10, 60), read_hypervisor=read_simulator)
+    counts = run_chaos(tmp_path, seed, vms, targets, events=(8, 40), read_hypervisor=read_simulator)
     assert counts.get(S.SUCCEEDED, 0) >= 1, counts
 
 

@@ -188,3 +188,24 @@ def test_a_worker_judged_lost_during_preflight_never_starts_the_move(datacenter,
     request = MigrationRequest.objects.get(pk=run.request_id)
     assert request.status == S.FAILED
     assert AuditEntry.objects.filter(request=request, action=AuditAction.RUN_FAILED).count() == 1
+
+
+def test_a_cancel_during_preflight_ends_the_run_before_the_hypervisor_is_asked(datacenter, users, monkeypatch):
+    from migrations_app.services import runs
+
+    vm = running_vm(datacenter)
+    run = approved_run(users["alice"], users["erin"], vm)
+    driver = driver_for(datacenter)
+    real_preflight = type(driver).preflight
+
+    def preflight_then_cancel(self, spec):
+        svc.migration_request_cancel(request=MigrationRequest.objects.get(pk=run.request_id), actor=users["alice"],
+                                     reason="not now")
+        return real_preflight(self, spec)
+
+    monkeypatch.setattr(type(driver), "preflight", preflight_then_cancel)
+    runs.migration_run_execute(run_id=run.pk, worker="w1")
+    assert driver.migration_tasks(vm.ref, since=0) == ()
+    run.refresh_from_db()
+    assert MigrationRequest.objects.get(pk=run.request_id).status == S.CANCELLED
+    assert "before the move started" in run.explanation
