@@ -90,6 +90,11 @@ def _find_task(run: MigrationRun, driver: drv.Driver) -> drv.TaskInfo | None:
     return tasks[-1] if tasks else None
 
 
+def _found(run: MigrationRun, task: drv.TaskInfo | None) -> str:
+    """Says so when the task was found on the VM: its worker died before it stored the id."""
+    return f"task {task.task_id} found on the VM (its id was never stored); " if task and not run.task_id else ""
+
+
 def _observe(run: MigrationRun, driver: drv.Driver, now) -> tuple[watchdog.Observation, drv.TaskInfo | None,
                                                                   drv.Placement | None]:
     task = _find_task(run, driver)
@@ -176,7 +181,7 @@ def _adopt(run: MigrationRun, task: drv.TaskInfo | None, reason: str, cutoff) ->
         MigrationRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now(), task_id=task_id[:200])
         append_run_event(run, status=request.status, message=f"worker lost; task {task_id}: {reason}")
         audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=request, task_id=task_id,
-                     reason=f"worker lost; {reason}: adopted")
+                     reason=f"worker lost; {_found(run, task)}{reason}: adopted")
     return True
 
 
@@ -195,7 +200,7 @@ def _settle(run: MigrationRun, task: drv.TaskInfo | None, placement: drv.Placeme
     task_id = task.task_id if task is not None else run.task_id
     if task_id and not run.task_id:
         MigrationRun.objects.filter(pk=run.pk, task_id="").update(task_id=task_id[:200])
-    why = f"worker lost; {decision.reason}"
+    why = f"worker lost; {_found(run, task)}{decision.reason}"
     if decision.verdict == V.SUCCEEDED:
         outcome = _Outcome(result=drv.MigrationResult(placement=placement, task_id=task_id,
                                                       message="settled by the reconciler"))

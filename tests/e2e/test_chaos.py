@@ -79,9 +79,11 @@ def run_chaos(tmp_path, seed, vms, targets, *, events: tuple[int, int], read_hyp
         counts = assert_true_story(batch, starts=starts, at_target=at_target, at_source=at_source)
     except AssertionError as exc:
         raise AssertionError(f"seed {seed}: {exc}") from None
-    reconciled = AuditEntry.objects.filter(request_id__in=batch.ids, action=AuditAction.RUN_RECONCILED).count()
-    log.warning("seed %d: %d kills, %s, %d reconciliations, hypervisor starts %d", seed, landed, counts, reconciled,
-                sum(starts.values()))
+    reconciliations = AuditEntry.objects.filter(request_id__in=batch.ids, action=AuditAction.RUN_RECONCILED)
+    reconciled = reconciliations.count()
+    found_on_vm = reconciliations.filter(reason__contains="found on the VM").count()
+    log.warning("seed %d: %d kills, %s, %d reconciliations (%d found the task on the VM), hypervisor starts %d",
+                seed, landed, counts, reconciled, found_on_vm, sum(starts.values()))
     # The chaos was real: kills landed mid-batch and the reconciler had lost workers' runs to settle.
     assert landed >= 3 and reconciled >= 1, (seed, landed, reconciled)
     return counts

@@ -86,6 +86,8 @@ def test_a_move_started_before_the_worker_stored_its_task_id_is_found_by_vm_and_
     assert [t.task_id for t in driver.migration_tasks(vm.ref, since=0)] == [result.task_id]
     done = AuditEntry.objects.get(request_id=run.request_id, action=AuditAction.RUN_SUCCEEDED)
     assert done.task_id == result.task_id
+    reconciled = AuditEntry.objects.get(request_id=run.request_id, action=AuditAction.RUN_RECONCILED)
+    assert f"task {result.task_id} found on the VM" in reconciled.reason
 
 
 def hung_worker_move(driver, vm, target_ref):
