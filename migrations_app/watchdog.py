@@ -70,6 +70,12 @@ class Decision:
     reason: str
 
 
+def worker_overdue(*, elapsed_s: float, budget_s: float | None, grace_s: float) -> bool:
+    """The live worker's backstop: a driver aborts at its budget itself; past the budget and the
+    grace the worker aborts the move (a driver that ignores its budget keeps no run open forever)."""
+    return budget_s is not None and elapsed_s > budget_s + grace_s
+
+
 def timed_out_text(budget_s: float) -> str:
     return f"timed out after {budget_s:.0f} s"
 

@@ -166,8 +166,8 @@ PORTAL = {
     "STALE_AFTER_S": float(os.environ.get("PORTAL_STALE_AFTER_S", "60")),
     # A queued run whose broker message may be lost is sent again after this many seconds.
     "REDISPATCH_AFTER_S": float(os.environ.get("PORTAL_REDISPATCH_AFTER_S", "300")),
-    # A lost worker's move past its budget that the hypervisor cannot abort is still followed
-    # this long before the watchdog settles it as errored.
+    # Past a move's budget by this much: a live worker aborts a move its driver did not stop, and
+    # the watchdog settles a lost worker's move the hypervisor cannot abort as errored.
     "ABORT_GRACE_S": float(os.environ.get("PORTAL_ABORT_GRACE_S", "300")),
     # Minimum seconds between two stored progress events of one run (phase changes always stored).
     "PROGRESS_INTERVAL_S": float(os.environ.get("PORTAL_PROGRESS_INTERVAL_S", "0.25")),

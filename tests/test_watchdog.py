@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from drivers.base import TaskState
-from migrations_app.watchdog import SETTLING, Observation, Verdict, Where, decide
+from migrations_app.watchdog import SETTLING, Observation, Verdict, Where, decide, worker_overdue
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED, UNKNOWN = (TaskState.RUNNING, TaskState.SUCCEEDED, TaskState.FAILED,
                                                   TaskState.CANCELLED, TaskState.UNKNOWN)
@@ -98,3 +98,9 @@ def test_every_observation_gets_a_verdict_and_every_settlement_a_reason(cancelli
             assert not can_abort and elapsed > 180  # a running task is settled only past budget + grace
         if state != RUNNING and where != Where.UNKNOWN:
             assert decision.verdict in SETTLING  # an ended task is always settled
+
+
+def test_a_live_worker_aborts_only_past_the_budget_and_the_grace():
+    assert not worker_overdue(elapsed_s=150, budget_s=120, grace_s=60)
+    assert worker_overdue(elapsed_s=181, budget_s=120, grace_s=60)
+    assert not worker_overdue(elapsed_s=10_000, budget_s=None, grace_s=60)

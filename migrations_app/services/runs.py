@@ -23,7 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from drivers import base as drv
-from migrations_app import admission, events
+from migrations_app import admission, events, watchdog
 from migrations_app.choices import TERMINAL, AuditAction, AuditOutcome, MigrationKind, Phase, RequestStatus
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
 from migrations_app.services.audit import audit_record
@@ -336,6 +336,7 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
 
     thread = threading.Thread(target=target, name=f"migrate-run-{run.pk}", daemon=True)
     thread.start()
+    began, overdue = time.monotonic(), False
     heartbeat_s = settings.PORTAL["HEARTBEAT_S"]
     recorder = _ProgressRecorder(run)
     next_beat = time.monotonic() + heartbeat_s
@@ -361,7 +362,15 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
             # Keep supervising the driver (cancel and timeout still work); record again next beat.
             log.warning("run %s: database unavailable while recording progress: %s", run.pk, exc)
             close_old_connections()
+        if not cancel.is_set() and watchdog.worker_overdue(elapsed_s=time.monotonic() - began, budget_s=run.timeout_s,
+                                                           grace_s=settings.PORTAL["ABORT_GRACE_S"]):
+            log.warning("run %s: the driver did not end the move within its budget; aborting it", run.pk)
+            overdue = True
+            cancel.set()
     thread.join()
+    if overdue and isinstance(outcome.error, drv.MigrationCancelled):
+        outcome.error = drv.MigrationTimedOut(f"{watchdog.timed_out_text(run.timeout_s)}: the driver did not stop the "
+                                              "move at its budget, so the portal aborted it; the VM stays on its source")
     try:
         recorder.flush()
     except DatabaseError as exc:

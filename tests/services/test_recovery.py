@@ -211,3 +211,27 @@ def test_a_cancel_during_preflight_ends_the_run_before_the_hypervisor_is_asked(d
     run.refresh_from_db()
     assert MigrationRequest.objects.get(pk=run.request_id).status == S.CANCELLED
     assert "before the move started" in run.explanation
+
+
+def test_a_driver_that_ignores_its_budget_is_aborted_by_its_worker_and_the_run_fails_timed_out(
+        datacenter, users, settings, monkeypatch):
+    from dataclasses import replace
+
+    from migrations_app.services import runs
+
+    settings.PORTAL = {**settings.PORTAL, "TIMEOUT_MIN_S": 1.0, "TIMEOUT_S_PER_GIB": 0.0, "ABORT_GRACE_S": 0.3}
+    vm = never_converging_vm(datacenter)
+    run = approved_run(users["alice"], users["erin"], vm)
+    assert run.timeout_s == 1.0
+    driver = driver_for(datacenter)
+    real_migrate = type(driver).migrate
+
+    def migrate_without_budget(self, spec, **kwargs):
+        return real_migrate(self, replace(spec, timeout_s=None), **kwargs)
+
+    monkeypatch.setattr(type(driver), "migrate", migrate_without_budget)
+    runs.migration_run_execute(run_id=run.pk, worker="w1")
+    run.refresh_from_db()
+    assert MigrationRequest.objects.get(pk=run.request_id).status == S.FAILED
+    assert "timed out after 1 s" in run.explanation and "the portal aborted it" in run.explanation
+    assert driver.placement(vm.ref).host_ref == vm.host.ref
