@@ -20,6 +20,7 @@ driver call, so a run is started at most once by construction.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import timedelta
 
 from django.conf import settings
@@ -64,7 +65,7 @@ def migration_run_reconcile_stale(*, stale_after_s: float | None = None, now=Non
     cutoff = now - timedelta(seconds=stale_after_s)
     stale_ids = list(MigrationRun.objects.filter(
         request__status__in=[S.RUNNING, S.CANCELLING], heartbeat_at__lt=cutoff).values_list("pk", flat=True))
-    counts = {"adopted": 0, "aborted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "errored": 0,
+    counts = {"adopted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "errored": 0,
               "unreachable": 0}
     for run_id in stale_ids:
         outcome = _reconcile(run_id, cutoff, now)
@@ -129,17 +130,17 @@ def _reconcile(run_id: int, cutoff, now) -> str:
         driver = driver_for(run.request.vm.connection)
         observation, task, placement = _observe(run, driver, now)
         if not driver.supports(drv.Capability.TASK_ABORT):
-            observation = _replace(observation, can_abort=False)
+            observation = replace(observation, can_abort=False)
         decision = watchdog.decide(observation)
         if decision.verdict == V.ABORT:
             _audit_abort(run, task, decision.reason, cutoff)
             try:
                 task = driver.cancel_task(task.task_id)
             except drv.Unsupported:
-                observation = _replace(observation, can_abort=False)
+                observation = replace(observation, can_abort=False)
             else:
                 placement = driver.placement(run.request.vm.ref)
-                observation = _replace(observation, task_state=task.state, where=_where(run, placement),
+                observation = replace(observation, task_state=task.state, where=_where(run, placement),
                                        hypervisor_message=task.message)
             decision = watchdog.decide(observation)
             if decision.verdict == V.ABORT:  # the hypervisor has not ended it yet: next pass
@@ -154,12 +155,6 @@ def _reconcile(run_id: int, cutoff, now) -> str:
     if decision.verdict == V.ADOPT:
         return "adopted" if _adopt(run, task, decision.reason, cutoff) else ""
     return _settle(run, task, placement, decision, cutoff)
-
-
-def _replace(observation: watchdog.Observation, **changes) -> watchdog.Observation:
-    from dataclasses import replace
-
-    return replace(observation, **changes)
 
 
 def _still_stale(run: MigrationRun, cutoff) -> MigrationRequest | None:
