@@ -40,6 +40,12 @@ class Capability(enum.Flag):
     # A compute move copies disks the target host cannot see into its own storage of the same name
     # (libvirt NON_SHARED_DISK); without it, a compute move needs storage the target host sees.
     COMPUTE_COPIES_LOCAL_DISKS = enum.auto()
+    # The hypervisor lists a VM's migration tasks: crash recovery finds a move whose worker died
+    # before it stored the task id (``migration_tasks``).
+    TASKS_BY_VM = enum.auto()
+    # A migration task can be aborted by its id from another process (``cancel_task``): the
+    # watchdog stops a lost worker's move that passed its budget.
+    TASK_ABORT = enum.auto()
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +387,18 @@ class Driver(abc.ABC):
     def task_info(self, task_id: str) -> TaskInfo:
         """The state of a migration task started earlier (crash recovery)."""
         raise Unsupported("this driver cannot look up earlier tasks")
+
+    def migration_tasks(self, vm_ref: str, *, since: float) -> tuple[TaskInfo, ...]:
+        """The migration tasks the hypervisor started on this VM since ``since`` (Unix time), oldest
+        first. Crash recovery asks it when a worker died before it could record the task id: did
+        the move start? Drivers with TASKS_BY_VM implement it."""
+        raise Unsupported("this driver cannot list a VM's tasks")
+
+    def cancel_task(self, task_id: str) -> TaskInfo:
+        """Ask the hypervisor to abort a migration task whose worker is lost, and wait a short
+        while for it to end. Returns the task's state then (RUNNING: it has not ended yet; a task
+        that had already ended keeps its state). Drivers with TASK_ABORT implement it."""
+        raise Unsupported("this driver cannot abort a task started by another process")
 
     # -- write side ------------------------------------------------------------------------
     @abc.abstractmethod

@@ -61,6 +61,7 @@ from drivers.base import (
 GiB = 1024**3
 TAG_FAIL_AT_SWITCHOVER = "sim:fail-at-switchover"
 TAG_NEVER_CONVERGE = "sim:never-converge"
+_ABORT_CHECK_S = 0.25  # real seconds between two looks for an abort asked by another process
 
 _OWNERS = ("team-web", "team-data", "team-ops")
 _MEMORY_GIB = (1, 2, 4, 8, 16)
@@ -185,6 +186,8 @@ class SimulatorDriver(Driver):
         | Capability.CANCEL
         | Capability.PROGRESS
         | Capability.TASK_LOOKUP
+        | Capability.TASKS_BY_VM
+        | Capability.TASK_ABORT
     )
 
     def __init__(self, config: ConnectionConfig):
@@ -299,9 +302,39 @@ class SimulatorDriver(Driver):
             task = s["tasks"].get(task_id)
         if task is None:
             return TaskInfo(task_id, TaskState.UNKNOWN, "no such task")
+        return self._task_info(task_id, task)
+
+    @staticmethod
+    def _task_info(task_id: str, task: dict) -> TaskInfo:
         if task["state"] == TaskState.RUNNING.value and not _process_alive(task.get("pid")):
             return TaskInfo(task_id, TaskState.FAILED, "the process running this migration died before it completed")
         return TaskInfo(task_id, TaskState(task["state"]), task.get("message", ""))
+
+    def migration_tasks(self, vm_ref: str, *, since: float) -> tuple[TaskInfo, ...]:
+        """Every migration task started on the VM since ``since``: the simulated hypervisor keeps
+        them all (``tasks`` in the state, with the VM and the start time of each)."""
+        with self._state() as s:
+            mine = [(t.get("started", 0.0), tid, t) for tid, t in s["tasks"].items()
+                    if t.get("vm") == vm_ref and t.get("started", 0.0) >= since]
+        return tuple(self._task_info(tid, t) for _, tid, t in sorted(mine, key=lambda x: (x[0], x[1])))
+
+    def cancel_task(self, task_id: str) -> TaskInfo:
+        """Flag the task for abort; its migration loop stops at its next abort check. Waits up to
+        two seconds (real time) for the task to end and returns its state then."""
+        with self._state() as s:
+            task = s["tasks"].get(task_id)
+            if task is not None and task["state"] == TaskState.RUNNING.value:
+                task["abort"] = True
+        deadline = time.monotonic() + 2.0
+        while True:
+            info = self.task_info(task_id)
+            if info.state != TaskState.RUNNING or time.monotonic() > deadline:
+                return info
+            threading.Event().wait(self.tick)  # the simulated hypervisor's own clock
+
+    def _abort_requested(self, task_id: str) -> bool:
+        with self._state() as s:
+            return bool(s["tasks"].get(task_id, {}).get("abort"))
 
     # -- write side -------------------------------------------------------------------------
     def _validate(self, s: dict, spec: MigrationSpec) -> tuple[dict, dict | None, dict | None]:
@@ -340,17 +373,20 @@ class SimulatorDriver(Driver):
                     )
         return vm, host, ds
 
-    def _new_task(self, s: dict) -> str:
+    def _new_task(self, s: dict, vm_ref: str) -> str:
         s["task_counter"] = int(s.get("task_counter", 0)) + 1
         task_id = f"sim-task-{s['task_counter']}"
         # The simulated hypervisor job lives in this process: record which one, so that a lookup
         # after this process died reports the truth (the move never completed).
-        s["tasks"][task_id] = {"state": TaskState.RUNNING.value, "pid": os.getpid()}
+        # The VM and the start time are the hypervisor's own record of every start (crash recovery
+        # looks a task up by VM when the worker died before it stored the task id).
+        s["tasks"][task_id] = {"state": TaskState.RUNNING.value, "pid": os.getpid(), "vm": vm_ref,
+                               "started": time.time()}
         return task_id
 
     def _finish_task(self, task_id: str, state: TaskState, message: str = "") -> None:
         with self._state() as s:
-            s["tasks"][task_id] = {"state": state.value, "message": message}
+            s["tasks"][task_id].update(state=state.value, message=message)
 
     def migrate(
         self,
@@ -362,7 +398,7 @@ class SimulatorDriver(Driver):
         started = time.monotonic()
         with self._state() as s:
             vm, host, ds = self._validate(s, spec)
-            task_id = self._new_task(s)
+            task_id = self._new_task(s, spec.vm_ref)
         on_progress(ProgressUpdate(Phase.PRECHECK, 0.0, task_id=task_id, message="checking the move"))
 
         disk_bytes = sum(d["size"] for d in vm["disks"]) if ds is not None else 0
@@ -391,11 +427,19 @@ class SimulatorDriver(Driver):
                 )
             )
 
+        next_abort_check = [time.monotonic() + _ABORT_CHECK_S]
+
         def wait_tick() -> float:
             """Let one tick of real time pass (or a cancel arrive); returns simulated seconds."""
             if cancel.wait(self.tick):
                 self._finish_task(task_id, TaskState.CANCELLED, "cancelled by the portal")
                 raise MigrationCancelled(f"migration of {vm['name']} cancelled; it stays where it was")
+            if time.monotonic() >= next_abort_check[0]:
+                # An abort asked by another process (cancel_task: the portal's watchdog).
+                next_abort_check[0] = time.monotonic() + _ABORT_CHECK_S
+                if self._abort_requested(task_id):
+                    self._finish_task(task_id, TaskState.CANCELLED, "aborted on request")
+                    raise MigrationCancelled(f"migration of {vm['name']} aborted; it stays where it was")
             if spec.timeout_s is not None and time.monotonic() - started > spec.timeout_s:
                 self._finish_task(task_id, TaskState.FAILED, "timed out")
                 raise MigrationTimedOut(
@@ -471,7 +515,7 @@ class SimulatorDriver(Driver):
                         self._find(s["datastores"], disk["ds"], "datastore")["used"] -= disk["size"]
                         self._find(s["datastores"], ds["ref"], "datastore")["used"] += disk["size"]
                         disk["ds"] = ds["ref"]
-            s["tasks"][task_id] = {"state": TaskState.SUCCEEDED.value, "message": ""}
+            s["tasks"][task_id].update(state=TaskState.SUCCEEDED.value, message="")
             placement = Placement(live["host"], {d["key"]: d["ds"] for d in live["disks"]})
         on_progress(
             ProgressUpdate(Phase.DONE, 100.0, bytes_done=total, bytes_total=total, task_id=task_id, message="done")

@@ -130,6 +130,7 @@ class AuditAction(models.TextChoices):
     USER_LOGIN_FAILED = "user.login_failed", "Login failed"
     USER_LOGOUT = "user.logout", "Logged out"
     NOTIFICATIONS_CHANGED = "user.notifications_changed", "Notification preferences changed"
+    RUN_WATCHDOG_ABORT = "run.watchdog_abort", "Run aborted by the watchdog"
 
 
 class NotificationCategory(models.TextChoices):

@@ -39,7 +39,7 @@ def execute_run(run_id: int) -> None:
 @shared_task(name="migrations_app.tasks.dispatch_due", ignore_result=True)
 def dispatch_due() -> None:
     run_services.migration_request_start_due()
-    run_services.migration_run_redispatch_stale()
+    run_services.migration_run_redispatch_stale(older_than_s=settings.PORTAL["REDISPATCH_AFTER_S"])
     run_services.dispatch_all_admissible()
 
 

@@ -145,10 +145,12 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "portal")
 CELERY_BEAT_SCHEDULE = {
-    "dispatch-due-requests": {"task": "migrations_app.tasks.dispatch_due", "schedule": 15.0},
+    "dispatch-due-requests": {"task": "migrations_app.tasks.dispatch_due",
+                              "schedule": float(os.environ.get("PORTAL_DISPATCH_EVERY_S", "15"))},
     "expire-stale-requests": {"task": "migrations_app.tasks.expire_stale", "schedule": 60.0},
     "audit-checkpoint": {"task": "migrations_app.tasks.audit_checkpoint", "schedule": 300.0},
-    "reconcile-stale-runs": {"task": "migrations_app.tasks.reconcile_stale", "schedule": 20.0},
+    "reconcile-stale-runs": {"task": "migrations_app.tasks.reconcile_stale",
+                             "schedule": float(os.environ.get("PORTAL_RECONCILE_EVERY_S", "20"))},
     "sync-inventory": {"task": "migrations_app.tasks.sync_all_inventories", "schedule": 300.0},
     "resend-notifications": {"task": "migrations_app.tasks.resend_notifications", "schedule": 300.0},
 }
@@ -160,7 +162,14 @@ PORTAL = {
     # Seconds between heartbeats of a running migration.
     "HEARTBEAT_S": float(os.environ.get("PORTAL_HEARTBEAT_S", "2")),
     # A running migration whose heartbeat is older than this is reconciled with the hypervisor.
+    # Keep it above the longest a driver call that starts a hypervisor task may take (the
+    # driver's request timeout), so a slow worker is never judged lost before its start lands.
     "STALE_AFTER_S": float(os.environ.get("PORTAL_STALE_AFTER_S", "60")),
+    # A queued run whose broker message may be lost is sent again after this many seconds.
+    "REDISPATCH_AFTER_S": float(os.environ.get("PORTAL_REDISPATCH_AFTER_S", "300")),
+    # Past a move's budget by this much: a live worker aborts a move its driver did not stop, and
+    # the watchdog settles a lost worker's move the hypervisor cannot abort as errored.
+    "ABORT_GRACE_S": float(os.environ.get("PORTAL_ABORT_GRACE_S", "300")),
     # Minimum seconds between two stored progress events of one run (phase changes always stored).
     "PROGRESS_INTERVAL_S": float(os.environ.get("PORTAL_PROGRESS_INTERVAL_S", "0.25")),
     # Completion budget per GiB of memory + copied disk (Nova's live_migration_completion_timeout).

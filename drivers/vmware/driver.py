@@ -29,7 +29,7 @@ from drivers.base import (
     TaskState,
 )
 from drivers.vmware.faults import _translated, fault_text
-from drivers.vmware.inventory import props_of, read_inventory, read_placement, retrieve
+from drivers.vmware.inventory import PC, props_of, read_inventory, read_placement, retrieve
 from drivers.vmware.moves import MoveFacts, assess_move, read_move_facts, relocate_spec
 from drivers.vmware.session import (
     DEFAULT_API_VERSION,
@@ -55,6 +55,8 @@ from drivers.vmware.tasks import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# TaskInfo.descriptionId of a relocation: vCenter's, and govmomi 0.24 vcsim's.
+RELOCATE_TASKS = frozenset({"VirtualMachine.relocate", "VirtualMachine.relocateVm"})
 
 
 class VCenterDriver(Driver):
@@ -73,6 +75,8 @@ class VCenterDriver(Driver):
         | Capability.COMBINED_MIGRATION
         | Capability.PROGRESS
         | Capability.TASK_LOOKUP
+        | Capability.TASKS_BY_VM
+        | Capability.TASK_ABORT  # CancelTask; vcsim's tasks end within the call, so it proves the ended case
     )
 
     def __init__(self, config: ConnectionConfig):
@@ -157,6 +161,53 @@ class VCenterDriver(Driver):
         props = props_of(objects[0]) if objects else {}
         error = props.get("info.error")
         return TaskInfo(task_id, task_state(props.get("info.state"), error), fault_text(error) if error else "")
+
+    @_translated(context="listing the VM's vCenter tasks")
+    def migration_tasks(self, vm_ref: str, *, since: float) -> tuple[TaskInfo, ...]:
+        """Relocation tasks of the VM queued since ``since``, from the TaskManager's recentTask
+        (vCenter keeps the last 200 or so for about ten minutes; govmomi 0.24's vcsim keeps the
+        last 200 and has no TaskHistoryCollector). The reconciler asks within minutes of a crash."""
+        return self._run(lambda s: self._migration_tasks(s, vm_ref, since))
+
+    def _migration_tasks(self, session: _Session, vm_ref: str, since: float) -> tuple[TaskInfo, ...]:
+        manager = session.content.taskManager
+        contents = retrieve(session, [PC.FilterSpec(objectSet=[PC.ObjectSpec(obj=manager)], propSet=[
+            PC.PropertySpec(type=vim.TaskManager, pathSet=["recentTask"])])], page_size=self.page_size)
+        recent = props_of(contents[0]).get("recentTask") if contents else None
+        if not recent:
+            return ()
+        spec = PC.FilterSpec(
+            objectSet=[PC.ObjectSpec(obj=task) for task in recent],
+            propSet=[PC.PropertySpec(type=vim.Task, pathSet=[
+                "info.entity", "info.descriptionId", "info.state", "info.error", "info.queueTime"])],
+        )
+        found = []
+        for content in retrieve(session, [spec], page_size=self.page_size):
+            props = props_of(content)
+            entity, queued = props.get("info.entity"), props.get("info.queueTime")
+            if entity is None or entity._moId != vm_ref or props.get("info.descriptionId") not in RELOCATE_TASKS:
+                continue
+            if queued is not None and queued.timestamp() < since:
+                continue
+            error = props.get("info.error")
+            info = TaskInfo(content.obj._moId, task_state(props.get("info.state"), error),
+                            fault_text(error) if error else "")
+            found.append((queued.timestamp() if queued else 0.0, info.task_id, info))
+        return tuple(info for *_, info in sorted(found, key=lambda f: (f[0], f[1])))
+
+    @_translated(context="aborting the vCenter task")
+    def cancel_task(self, task_id: str) -> TaskInfo:
+        """CancelTask where vCenter allows it, then follow the task for a short grace."""
+        cancel = threading.Event()
+        cancel.set()
+        try:
+            end = self._run(lambda s: follow_task(s, vim.Task(task_id, self._stub), task_wait_s=self.task_wait_s,
+                                                  abort_grace_s=min(self.abort_grace_s, 10.0), cancel=cancel))
+        except vmodl.fault.ManagedObjectNotFound:
+            return TaskInfo(task_id, TaskState.UNKNOWN, "vCenter no longer knows this task")
+        if end.state == "running":
+            return TaskInfo(task_id, TaskState.RUNNING, "vCenter has not ended the task yet")
+        return TaskInfo(task_id, task_state(end.state, end.error), fault_text(end.error) if end.error else "")
 
     # -- judging a move ---------------------------------------------------------------------
     def _move_facts(self, session: _Session, spec: MigrationSpec) -> MoveFacts:

@@ -72,7 +72,13 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve on")
 	login := flag.String("login", "user:pass", "the only user:password accepted")
 	certFile := flag.String("cert", "", "write the server's TLS certificate (PEM) here")
+	relocateDelay := flag.Int("relocate-delay-ms", 0, "delay each RelocateVM_Task call (the move happens after it)")
 	flag.Parse()
+	if *relocateDelay > 0 {
+		// vcsim runs a task within the call: a delay before it gives a crash test a window in
+		// which the client has asked for the move and vCenter has not recorded it yet.
+		m.DelayConfig.MethodDelay = map[string]int{"RelocateVM_Task": *relocateDelay}
+	}
 	m.Machine = 0 // the model puts VMs per cluster at random; we place them per host below
 	if err := m.Create(); err != nil {
 		log.Fatal(err)

@@ -23,7 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from drivers import base as drv
-from migrations_app import admission, events, notifications, windows
+from migrations_app import admission, events, notifications, watchdog, windows
 from migrations_app.choices import (
     TERMINAL,
     AuditAction,
@@ -310,9 +310,23 @@ def migration_run_execute(*, run_id: int, worker: str) -> None:
             # Stopped before the driver's migrate is called; the explanation reaches the page and the audit log.
             outcome.error = drv.MigrationFailed(f"Pre-flight at start failed, the world changed: {problem}. "
                                                 "Nothing was moved.")
+        elif (status := _start_gate(run)) in TERMINAL:
+            log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, status)
+            return
+        elif status == S.CANCELLING:
+            outcome.error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
         else:
             outcome = _drive(run, driver, spec)
     migration_run_finish(run=run, outcome=outcome)
+
+
+def _start_gate(run: MigrationRun) -> str:
+    """Last look before the hypervisor is asked to move anything: renew the heartbeat and return
+    the request's status. A run the reconciler settled meanwhile (this worker was judged lost) or
+    one cancelled during pre-flight is never started. With the heartbeat renewed here, the
+    reconciler can only judge this worker lost if starting the task takes longer than
+    STALE_AFTER_S, which the setting's rule (above the driver's request timeout) excludes."""
+    return _heartbeat(run)
 
 
 def _preflight_at_start(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> str:
@@ -347,6 +361,7 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
 
     thread = threading.Thread(target=target, name=f"migrate-run-{run.pk}", daemon=True)
     thread.start()
+    began, overdue = time.monotonic(), False
     heartbeat_s = settings.PORTAL["HEARTBEAT_S"]
     recorder = _ProgressRecorder(run)
     next_beat = time.monotonic() + heartbeat_s
@@ -372,7 +387,15 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
             # Keep supervising the driver (cancel and timeout still work); record again next beat.
             log.warning("run %s: database unavailable while recording progress: %s", run.pk, exc)
             close_old_connections()
+        if not cancel.is_set() and watchdog.worker_overdue(elapsed_s=time.monotonic() - began, budget_s=run.timeout_s,
+                                                           grace_s=settings.PORTAL["ABORT_GRACE_S"]):
+            log.warning("run %s: the driver did not end the move within its budget; aborting it", run.pk)
+            overdue = True
+            cancel.set()
     thread.join()
+    if overdue and isinstance(outcome.error, drv.MigrationCancelled):
+        outcome.error = drv.MigrationTimedOut(f"{watchdog.timed_out_text(run.timeout_s)}: the driver did not stop the "
+                                              "move at its budget, so the portal aborted it; the VM stays on its source")
     try:
         recorder.flush()
     except DatabaseError as exc:

@@ -169,3 +169,51 @@ def test_a_finished_task_can_be_looked_up(harness):
     task_id = result.task_id or next(u.task_id for u in updates if u.task_id)
     assert harness.driver.task_info(task_id).state == TaskState.SUCCEEDED
     assert harness.driver.task_info("no-such-task").state == TaskState.UNKNOWN
+
+
+@required(Capability.TASKS_BY_VM)
+def test_the_hypervisor_lists_the_migration_tasks_started_on_a_vm(harness):
+    spec = harness.compute_spec()
+    since = time.time() - 5  # the peer's clock is this machine's
+    earlier = {t.task_id for t in harness.driver.migration_tasks(spec.vm_ref, since=since)}
+    result, updates = harness.migrate(spec)
+    task_id = result.task_id or next(u.task_id for u in updates if u.task_id)
+    tasks = [t for t in harness.driver.migration_tasks(spec.vm_ref, since=since) if t.task_id not in earlier]
+    assert [t.task_id for t in tasks] == [task_id]
+    assert tasks[0].state == TaskState.SUCCEEDED
+    assert harness.driver.migration_tasks(spec.vm_ref, since=time.time() + 60) == ()
+
+
+@required(Capability.TASK_ABORT)
+def test_aborting_a_task_that_already_ended_changes_nothing(harness):
+    spec = harness.compute_spec()
+    result, updates = harness.migrate(spec)
+    task_id = result.task_id or next(u.task_id for u in updates if u.task_id)
+    assert harness.driver.cancel_task(task_id).state == TaskState.SUCCEEDED
+    assert harness.independent_placement(spec.vm_ref) == result.placement
+
+
+@required(Capability.TASK_ABORT | Capability.CANCEL)  # CANCEL: the peer has a slow move to abort
+def test_a_running_task_aborted_by_id_from_elsewhere_ends_and_the_vm_stays(harness):
+    spec = harness.slow_spec()
+    before = harness.independent_placement(spec.vm_ref)
+    seen: list[ProgressUpdate] = []
+    outcome: dict = {}
+
+    def run():
+        try:
+            harness.driver.migrate(spec, on_progress=seen.append, cancel=threading.Event())
+        except DriverError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not any(u.task_id for u in seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    task_id = next(u.task_id for u in seen if u.task_id)
+    info = harness.driver.cancel_task(task_id)
+    worker.join(30)
+    assert not worker.is_alive(), "the move did not stop after its task was aborted"
+    assert info.state == TaskState.CANCELLED and isinstance(outcome.get("error"), MigrationCancelled), (info, outcome)
+    assert harness.independent_placement(spec.vm_ref) == before
