@@ -40,6 +40,9 @@ class Capability(enum.Flag):
     # A compute move copies disks the target host cannot see into its own storage of the same name
     # (libvirt NON_SHARED_DISK); without it, a compute move needs storage the target host sees.
     COMPUTE_COPIES_LOCAL_DISKS = enum.auto()
+    # Power a VM off, move it (host and/or storage) and power it on again: the fallback a move plan
+    # offers for a VM that cannot move live. No driver implements it yet.
+    COLD_MOVE = enum.auto()
 
 
 # --------------------------------------------------------------------------------------------

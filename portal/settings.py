@@ -171,6 +171,10 @@ PORTAL = {
     "LOGIN_LOCKOUT_S": int(os.environ.get("PORTAL_LOGIN_LOCKOUT_S", "900")),
     # Pending requests expire after this many hours without a decision.
     "PENDING_EXPIRY_HOURS": float(os.environ.get("PORTAL_PENDING_EXPIRY_HOURS", "72")),
+    # Move plans: attempts per VM (the first plus retries after a failure), and the share of a
+    # host's memory the planner keeps free.
+    "PLAN_MAX_ATTEMPTS": int(os.environ.get("PORTAL_PLAN_MAX_ATTEMPTS", "2")),
+    "PLAN_HOST_HEADROOM": float(os.environ.get("PORTAL_PLAN_HOST_HEADROOM", "0.1")),
 }
 
 AUTH_PASSWORD_VALIDATORS = [

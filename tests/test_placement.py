@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrations_app.placement import (
-    GiB,
     Estimator,
+    GiB,
     HostCap,
     StoreCap,
     VMInfo,

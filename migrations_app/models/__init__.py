@@ -9,6 +9,7 @@ from migrations_app.models.inventory import (
     VirtualDisk,
     VirtualMachine,
 )
+from migrations_app.models.plans import MovePlan, PlanItem
 from migrations_app.models.requests import MigrationRequest
 from migrations_app.models.runs import MigrationRun, RunEvent
 
@@ -21,6 +22,8 @@ __all__ = [
     "HypervisorConnection",
     "MigrationRequest",
     "MigrationRun",
+    "MovePlan",
+    "PlanItem",
     "Network",
     "RunEvent",
     "VirtualDisk",

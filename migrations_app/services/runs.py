@@ -28,6 +28,7 @@ from migrations_app.choices import TERMINAL, AuditAction, AuditOutcome, Migratio
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
 from migrations_app.services.audit import audit_record
 from migrations_app.services.errors import ActionRefused
+from migrations_app.services.plans import plan_request_settled
 from migrations_app.services.requests import notify_request_changed, set_status
 
 log = logging.getLogger(__name__)
@@ -513,6 +514,8 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
         # Its resources are free again: start what was waiting for them.
         connection_id = request.vm.connection_id
         transaction.on_commit(lambda: dispatch_admissible(connection_id), robust=True)
+        # A move plan's item: record it, retry a failure, finish the plan (services.plans).
+        transaction.on_commit(lambda: plan_request_settled(request.pk), robust=True)
     return True
 
 
