@@ -212,23 +212,26 @@ def plan_datastore_evacuation(
         if vm.blocker:
             plan.unmovable[vm.id] = vm.blocker
             continue
-        need = vm.bytes_on(source_datastore_id)
+        # A storage move puts every disk of the VM on the target: all but what is already there is copied.
+        def need(store: StoreCap, vm: VMInfo = vm) -> int:
+            return vm.disk_bytes - vm.bytes_on(store.id)
+
         reasons, fits = [], []
         for store in others:
             if not store.usable:
                 reasons.append(f"{store.name} is not accessible")
             elif vm.host_id not in store.host_ids:
                 reasons.append(f"its host does not see {store.name}")
-            elif free[store.id] < need:
-                reasons.append(f"{store.name} has {_gib(max(0.0, free[store.id]))} free; it needs {_gib(need)}")
+            elif free[store.id] < need(store):
+                reasons.append(f"{store.name} has {_gib(max(0.0, free[store.id]))} free; it needs {_gib(need(store))}")
             else:
                 fits.append(store)
         if not fits:
             plan.unmovable[vm.id] = "no datastore fits: " + "; ".join(reasons) if reasons else "no other datastore"
             continue
-        best = max(fits, key=lambda s: (free[s.id] - need, -s.id))
-        free[best.id] -= need
-        copied.append(need)
+        best = max(fits, key=lambda s: (free[s.id] - need(s), -s.id))
+        free[best.id] -= need(best)
+        copied.append(need(best))
         plan.moves.append(PlannedMove(vm_id=vm.id, order=len(plan.moves) + 1, target_datastore_id=best.id,
                                       why=f"most free space after the copy ({_gib(free[best.id])} left)"))
     plan.estimated_duration_s = (estimator or Estimator()).total_s(copied)
