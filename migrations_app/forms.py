@@ -5,8 +5,8 @@ from __future__ import annotations
 from django import forms
 from django.utils import timezone
 
-from migrations_app.choices import MigrationKind
-from migrations_app.models import Datastore, Host
+from migrations_app.choices import MigrationKind, PlanKind
+from migrations_app.models import Cluster, Datastore, Host
 
 
 class MigrateForm(forms.Form):
@@ -64,3 +64,13 @@ class AuditFilterForm(forms.Form):
     until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
                                 input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d"])
     q = forms.CharField(required=False, label="Text")
+
+
+class PlanBuildForm(forms.Form):
+    """What to evacuate or rebalance; the service decides whether a plan can be built."""
+
+    kind = forms.ChoiceField(choices=PlanKind.choices)
+    host = forms.ModelChoiceField(queryset=Host.objects.filter(present=True), required=False)
+    datastore = forms.ModelChoiceField(queryset=Datastore.objects.filter(present=True), required=False)
+    cluster = forms.ModelChoiceField(queryset=Cluster.objects.all(), required=False)
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), max_length=2000, strip=True)
