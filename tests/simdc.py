@@ -16,7 +16,7 @@ from migrations_app.services.inventory import inventory_sync
 GiB = 1024**3
 
 
-def evacuation_state(n_vms: int = 20, *, memory_gib: int = 1, local_vm: bool = True, fail_tags: dict | None = None,
+def evacuation_state(n_vms: int = 20, *, memory_gib: int = 1, local_vm: bool = True, tags: dict | None = None,
                      host_memory_gib: int = 64) -> dict:
     hosts = [{"ref": f"host-{n}", "name": f"{n}.lab", "cluster": "cl-0", "connected": True, "maintenance": False,
               "memory": host_memory_gib * GiB} for n in ("src", "a", "b", "c")]
@@ -29,7 +29,7 @@ def evacuation_state(n_vms: int = 20, *, memory_gib: int = 1, local_vm: bool = T
         vms.append({"ref": f"vm-{i}", "name": f"app-{i:02d}", "host": "host-src", "power": "on",
                     "memory": memory_gib * GiB, "vcpus": 1,
                     "disks": [{"key": "disk-0", "label": "Hard disk 1", "ds": "ds-shared", "size": 1 * GiB}],
-                    "owner": "team-web", "tags": list((fail_tags or {}).get(i, [])), "folder": "/team-web"})
+                    "owner": "team-web", "tags": list((tags or {}).get(i, [])), "folder": "/team-web"})
     if local_vm:
         vms.append({"ref": "vm-local", "name": "pinned-local", "host": "host-src", "power": "on",
                     "memory": memory_gib * GiB, "vcpus": 1,

@@ -135,7 +135,7 @@ def test_plan_finishes_done_with_the_host_empty_but_the_skipped_vm(evac_dc, user
 def test_a_failed_move_is_retried_until_max_attempts(tmp_path, users, django_capture_on_commit_callbacks, settings):
     settings.PORTAL = {**settings.PORTAL, "PLAN_MAX_ATTEMPTS": 3}
     conn = simulated_connection(tmp_path / "f.json", evacuation_state(2, local_vm=False,
-                                                                        fail_tags={1: ["sim:fail-at-switchover"]}))
+                                                                        tags={1: ["sim:fail-at-switchover"]}))
     plan = approved(conn, users)
     run_all(django_capture_on_commit_callbacks)
     plan.refresh_from_db()
