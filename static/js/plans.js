@@ -61,7 +61,14 @@
       }
     });
     live.subscribe(() => ({ action: "subscribe", stream: "plan", id: planId }));
-    document.body.addEventListener("htmx:afterSwap", attachRuns);
+    // After htmx has settled the re-read panel (settling restores the new elements' attributes),
+    // size its bars and re-apply the newest run events, which may be newer than the panel.
+    document.body.addEventListener("htmx:afterSettle", () => {
+      document.querySelectorAll("#plan-panel .bar[data-percent]").forEach((bar) => {
+        bar.style.width = bar.dataset.percent + "%";
+      });
+      attachRuns();
+    });
     attachRuns();
   }
 
