@@ -30,7 +30,7 @@ def plan_list(request):
     return render(request, "migrations_app/plans.html", {
         "plans": selectors.visible_plans(request.user)[:50],
         "can_build": access.can_build_plan(request.user),
-        "form": PlanBuildForm(initial=request.GET.dict()),
+        "preselect": request.GET,  # ?host= / ?datastore= / ?cluster= from the inventory's links
         "hosts": Host.objects.filter(present=True).select_related("cluster").order_by("name"),
         "datastores": Datastore.objects.filter(present=True).order_by("name"),
         "clusters": Cluster.objects.order_by("name"),

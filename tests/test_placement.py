@@ -165,3 +165,33 @@ def test_rebalance_never_worsens_balance_or_breaks_rules(cluster):
         if any(v.host_id != h.id and where[v.id] == h.id for v in vms):
             assert sum(v.memory_bytes for v in vms if where[v.id] == h.id) <= h.memory_bytes * 0.9
     assert _groups_ok(where, vms, set(by_id))
+
+
+@st.composite
+def storage(draw):
+    stores = [StoreCap(i, f"ds{i}", draw(st.integers(0, 200)) * GiB,
+                       frozenset(draw(st.sets(st.integers(1, 4), min_size=1))), usable=draw(st.booleans()) or i == 1)
+              for i in range(1, draw(st.integers(2, 5)) + 1)]
+    vms = []
+    for i in range(draw(st.integers(0, 20))):
+        on = draw(st.sets(st.sampled_from([s.id for s in stores]), min_size=1, max_size=2))
+        sizes = tuple((s, draw(st.integers(1, 60)) * GiB) for s in sorted(on))
+        vms.append(VMInfo(id=i + 1, name=f"vm{i}", host_id=draw(st.integers(1, 4)), memory_bytes=GiB,
+                          disk_bytes=sum(b for _, b in sizes), datastore_ids=frozenset(on), disk_bytes_by_store=sizes))
+    return stores, vms
+
+
+@settings(max_examples=100, deadline=None)
+@given(storage())
+def test_datastore_evacuation_never_overfills_a_store_or_picks_one_the_host_cannot_see(world):
+    stores, vms = world
+    plan = plan_datastore_evacuation(source_datastore_id=1, stores=stores, vms=vms)
+    by_id = {s.id: s for s in stores}
+    affected = {v.id for v in vms if 1 in v.datastore_ids}
+    assert {m.vm_id for m in plan.moves} | set(plan.unmovable) == affected
+    added: dict[int, int] = {}
+    for m in plan.moves:
+        vm_, target = next(v for v in vms if v.id == m.vm_id), by_id[m.target_datastore_id]
+        assert target.id != 1 and target.usable and vm_.host_id in target.host_ids
+        added[target.id] = added.get(target.id, 0) + vm_.disk_bytes - vm_.bytes_on(target.id)
+    assert all(added[s] <= by_id[s].free_bytes for s in added)

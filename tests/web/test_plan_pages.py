@@ -115,3 +115,16 @@ def test_plan_stream_against_every_role(users, tmp_path):
             await comm.disconnect()
 
     async_to_sync(check)()
+
+
+@pytest.mark.django_db
+def test_admins_reach_the_plan_forms_from_the_vm_page_with_the_subject_chosen(users, evac_dc):
+    from migrations_app.models import VirtualMachine
+
+    vm = VirtualMachine.objects.get(connection=evac_dc, name="app-00")
+    page = client(users, "carol").get(f"/vms/{vm.pk}/").content.decode()
+    link = f"/plans/?host={vm.host_id}#plan-build"
+    assert link in page and "Evacuate datastore…" in page and "Rebalance cluster…" in page
+    assert "Evacuate host…" not in client(users, "erin").get(f"/vms/{vm.pk}/").content.decode()
+    form = client(users, "carol").get(f"/plans/?host={vm.host_id}").content.decode()
+    assert f'<option value="{vm.host_id}" selected>' in form
