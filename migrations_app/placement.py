@@ -10,6 +10,7 @@ a VM carrying the same ``anti-affinity:<name>`` tag. VMs that fit nowhere come b
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,15 @@ class Estimator:
     precopy_factor: float = 1.2  # a second pass re-sends the pages dirtied during the first
     per_move_s: float = 5.0
     parallel: int = 2
+
+    def calibrated(self, history: Sequence[tuple[float, int]], *, min_samples: int = 3) -> Estimator:
+        """The same estimator with its fixed cost per move taken from past moves on this
+        connection, as (seconds taken, bytes copied): the median of what the link model leaves
+        unexplained. Too little history keeps the default."""
+        if len(history) < min_samples:
+            return self
+        rest = [max(0.0, took - self.precopy_factor * copied / self.bandwidth_bytes_per_s) for took, copied in history]
+        return dataclasses.replace(self, per_move_s=statistics.median(rest))
 
     def move_s(self, copied_bytes: int) -> float:
         return self.per_move_s + self.precopy_factor * copied_bytes / self.bandwidth_bytes_per_s

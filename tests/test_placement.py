@@ -91,6 +91,14 @@ def test_estimator_runs_parallel_lanes():
     assert est.total_s([]) == 0.0
 
 
+def test_estimator_calibrates_its_fixed_cost_on_past_moves():
+    est = Estimator(bandwidth_bytes_per_s=GiB, precopy_factor=1.0, per_move_s=5.0, parallel=1)
+    assert est.calibrated([(3.0, GiB), (4.0, GiB)]) is est  # too little history: the default stays
+    tuned = est.calibrated([(3.0, GiB), (1.5, GiB), (2.0, 2 * GiB), (0.5, 4 * GiB), (2.5, GiB)])
+    assert tuned.per_move_s == 0.5  # median of 2, 0.5, 0, 0, 1.5
+    assert tuned.total_s([GiB]) == 1.5
+
+
 # -- invariants under random clusters -----------------------------------------------------------
 
 @st.composite

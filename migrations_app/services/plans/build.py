@@ -8,8 +8,25 @@ from django.db import transaction
 
 from drivers.base import Capability
 from migrations_app import access, admission, placement
-from migrations_app.choices import TERMINAL, AuditAction, MigrationKind, PlanFallback, PlanKind, PowerState
-from migrations_app.models import Cluster, Datastore, Host, MigrationRequest, MovePlan, PlanItem, VirtualMachine
+from migrations_app.choices import (
+    TERMINAL,
+    AuditAction,
+    MigrationKind,
+    PlanFallback,
+    PlanKind,
+    PowerState,
+    RequestStatus,
+)
+from migrations_app.models import (
+    Cluster,
+    Datastore,
+    Host,
+    MigrationRequest,
+    MigrationRun,
+    MovePlan,
+    PlanItem,
+    VirtualMachine,
+)
 from migrations_app.services.audit import audit_denied
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.plans._common import audit_plan
@@ -59,7 +76,8 @@ def _capacities(connection, cluster: Cluster, *, compute: bool) -> tuple[list[pl
 
 def _estimator(connection, kind: str) -> placement.Estimator:
     """Link speed from the connection's options (the simulator's speed compresses time); as many
-    moves at once as admission control lets leave one host (or datastore)."""
+    moves at once as admission control lets leave one host (or datastore); the fixed cost of a
+    move calibrated on this connection's recent successful moves of the same kind."""
     options = connection.options or {}
     bandwidth = float(options.get("bandwidth_bytes_per_s") or placement.GiB) * float(options.get("speed") or 1.0)
     limits = admission.Limits.for_connection(connection.kind, options)
@@ -68,7 +86,13 @@ def _estimator(connection, kind: str) -> placement.Estimator:
                        limits.host_max // max(1, limits.host_storage))
     else:
         parallel = min(limits.host_max // max(1, limits.host_compute), limits.network_max)
-    return placement.Estimator(bandwidth_bytes_per_s=bandwidth, parallel=max(1, parallel))
+    move_kind = MigrationKind.STORAGE if kind == PlanKind.EVACUATE_DATASTORE else MigrationKind.COMPUTE
+    recent = (MigrationRun.objects.filter(request__vm__connection=connection, request__kind=move_kind,
+                                          request__status=RequestStatus.SUCCEEDED, started_at__isnull=False,
+                                          finished_at__isnull=False)
+              .order_by("-finished_at").values_list("started_at", "finished_at", "bytes_total")[:50])
+    history = [((end - start).total_seconds(), copied) for start, end, copied in recent]
+    return placement.Estimator(bandwidth_bytes_per_s=bandwidth, parallel=max(1, parallel)).calibrated(history)
 
 
 def move_plan_build(*, requester, kind: str, reason: str, host: Host | None = None, datastore: Datastore | None = None,
