@@ -6,6 +6,10 @@ best-fit: the biggest VM first, each onto the candidate with the most free memor
 it, so the load spreads instead of filling one host. A candidate must be usable, in the same
 cluster, see the VM's datastores, keep ``headroom`` of its memory free and never share a host with
 a VM carrying the same ``anti-affinity:<name>`` tag. VMs that fit nowhere come back with the reason.
+
+Where the driver can cold-move (power off, move, power on), an evacuation also proposes a cold
+target for each VM that cannot move live (powered off, or no host sees its datastore: then with a
+datastore the new host sees); the requester chooses that fallback per VM, or skip.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ class VMInfo:
     disk_bytes: int = 0
     datastore_ids: frozenset[int] = frozenset()
     tags: tuple[str, ...] = ()
-    blocker: str = ""  # a reason it cannot move live at all (powered off, open request...)
+    blocker: str = ""  # a reason it cannot move at all (an open request...)
+    powered_on: bool = True  # a powered-off VM cannot move live (a cold move can take it)
     # bytes per datastore, for storage moves (defaults to everything on its first datastore)
     disk_bytes_by_store: tuple[tuple[int, int], ...] = ()
 
@@ -74,7 +79,8 @@ class PlannedMove:
 @dataclass
 class Plan:
     moves: list[PlannedMove] = field(default_factory=list)
-    unmovable: dict[int, str] = field(default_factory=dict)  # vm id -> why it cannot move
+    unmovable: dict[int, str] = field(default_factory=dict)  # vm id -> why it cannot move live
+    cold_moves: dict[int, PlannedMove] = field(default_factory=dict)  # vm id -> its cold-move target
     estimated_duration_s: float = 0.0
     imbalance_before: float | None = None
     imbalance_after: float | None = None
@@ -145,11 +151,11 @@ class _HostLoad:
         for g in vm.anti_affinity:
             self.groups[host_id][g] -= 1
 
-    def why_not(self, vm: VMInfo, host: HostCap) -> str:
+    def why_not(self, vm: VMInfo, host: HostCap, *, check_stores: bool = True) -> str:
         """'' when ``vm`` may go to ``host`` now, else the reason."""
         if not host.usable:
             return f"{host.name} is {host.unusable_reason or 'not usable'}"
-        if not vm.datastore_ids <= host.datastore_ids:
+        if check_stores and not vm.datastore_ids <= host.datastore_ids:
             return f"{host.name} does not see its datastore"
         clash = sorted(g for g in vm.anti_affinity if self.groups[host.id].get(g, 0) > 0)
         if clash:
@@ -177,18 +183,24 @@ def _summarise(reasons: list[str]) -> str:
 
 def plan_host_evacuation(
     *, source_host_id: int, hosts: Sequence[HostCap], vms: Sequence[VMInfo], headroom: float = 0.1,
-    estimator: Estimator | None = None,
+    estimator: Estimator | None = None, cold_stores: Sequence[StoreCap] | None = None,
 ) -> Plan:
-    """A target host for every VM on ``source_host_id`` (live compute moves within its cluster)."""
+    """A target host for every VM on ``source_host_id`` (live compute moves within its cluster).
+    With ``cold_stores`` (the driver can cold-move), a cold target for each VM that cannot move live."""
     source = next(h for h in hosts if h.id == source_host_id)
     cluster = [h for h in hosts if h.cluster_id == source.cluster_id and h.id != source_host_id]
     leaving = [vm for vm in vms if vm.host_id == source_host_id]
     # VMs already elsewhere count on their hosts; the leaving ones count nowhere while re-placed.
     load = _HostLoad(cluster, [vm for vm in vms if vm.host_id != source_host_id], headroom)
     plan = Plan()
+    cold_candidates: list[VMInfo] = []
     for vm in sorted(leaving, key=lambda v: (-v.memory_bytes, v.name, v.id)):
         if vm.blocker:
             plan.unmovable[vm.id] = vm.blocker
+            continue
+        if not vm.powered_on:
+            plan.unmovable[vm.id] = "powered off; a live migration needs it running"
+            cold_candidates.append(vm)
             continue
         reasons, fits = [], []
         for host in cluster:
@@ -196,20 +208,53 @@ def plan_host_evacuation(
             (reasons.append(why) if why else fits.append(host))
         if not fits:
             plan.unmovable[vm.id] = _summarise(reasons)
+            cold_candidates.append(vm)
             continue
         best = max(fits, key=lambda h: (load.free_after(vm, h.id), -h.id))
         free = load.free_after(vm, best.id)
         load.add(vm, best.id)
         plan.moves.append(PlannedMove(vm_id=vm.id, order=len(plan.moves) + 1, target_host_id=best.id,
                                       why=f"most free memory after the move ({_gib(free)} left)"))
+    if cold_stores is not None:
+        _plan_cold(plan, cold_candidates, cluster, load, cold_stores)
     memory = {vm.id: vm.memory_bytes for vm in vms}
     plan.estimated_duration_s = (estimator or Estimator()).total_s(memory[m.vm_id] for m in plan.moves)
     return plan
 
 
+def _plan_cold(plan: Plan, candidates: Sequence[VMInfo], cluster: Sequence[HostCap], load: _HostLoad,
+               stores: Sequence[StoreCap]) -> None:
+    """Cold targets after the live ones took their room: a host by the same rules except datastore
+    visibility; when it does not see the VM's datastores, also the datastore it sees with the most
+    free space (the disks are copied while the VM is off)."""
+    free = {s.id: float(s.free_bytes) for s in stores if s.usable}
+    for vm in candidates:
+        options = []
+        for host in cluster:
+            if load.why_not(vm, host, check_stores=False):
+                continue
+            store = None
+            if not vm.datastore_ids <= host.datastore_ids:
+                seen = [s for s in stores if s.id in free and host.id in s.host_ids and free[s.id] >= vm.disk_bytes]
+                if not seen:
+                    continue
+                store = max(seen, key=lambda s: (free[s.id], -s.id))
+            options.append((load.free_after(vm, host.id), -host.id, host, store))
+        if not options:
+            continue
+        left, _, host, store = max(options, key=lambda o: (o[0], o[1]))
+        load.add(vm, host.id)
+        if store is not None:
+            free[store.id] -= vm.disk_bytes
+        where = f"{host.name}" + (f" with its disks on {store.name}" if store else "")
+        plan.cold_moves[vm.id] = PlannedMove(vm_id=vm.id, order=0, target_host_id=host.id,
+                                             target_datastore_id=store.id if store else None,
+                                             why=f"cold move to {where} ({_gib(left)} left)")
+
+
 def plan_datastore_evacuation(
     *, source_datastore_id: int, stores: Sequence[StoreCap], vms: Sequence[VMInfo], reserve: float = 0.05,
-    capacities: dict[int, int] | None = None, estimator: Estimator | None = None,
+    capacities: dict[int, int] | None = None, estimator: Estimator | None = None, cold: bool = False,
 ) -> Plan:
     """A target datastore for every VM with disks on ``source_datastore_id`` (live storage moves):
     one its host sees, with the most free space after the copy (keeping ``reserve`` of capacity)."""
@@ -240,10 +285,19 @@ def plan_datastore_evacuation(
             plan.unmovable[vm.id] = "no datastore fits: " + "; ".join(reasons) if reasons else "no other datastore"
             continue
         best = max(fits, key=lambda s: (free[s.id] - need(s), -s.id))
+        if not vm.powered_on:  # it cannot move live; with a cold-moving driver it can go there cold
+            plan.unmovable[vm.id] = "powered off; a live migration needs it running"
+            if not cold:
+                continue
         free[best.id] -= need(best)
+        why = f"most free space after the copy ({_gib(free[best.id])} left)"
+        if not vm.powered_on:
+            plan.cold_moves[vm.id] = PlannedMove(vm_id=vm.id, order=0, target_datastore_id=best.id,
+                                                 why=f"cold move to {best.name}, {why}")
+            continue
         copied.append(need(best))
         plan.moves.append(PlannedMove(vm_id=vm.id, order=len(plan.moves) + 1, target_datastore_id=best.id,
-                                      why=f"most free space after the copy ({_gib(free[best.id])} left)"))
+                                      why=why))
     plan.estimated_duration_s = (estimator or Estimator()).total_s(copied)
     return plan
 
@@ -261,7 +315,7 @@ def recommend_rebalance(
     plan = Plan()
     plan.imbalance_before = current = imbalance(load, ids)
     moved: set[int] = set()
-    candidates = [vm for vm in vms if vm.host_id in load.hosts and not vm.blocker]
+    candidates = [vm for vm in vms if vm.host_id in load.hosts and not vm.blocker and vm.powered_on]
     while len(plan.moves) < max_moves:
         best: tuple[float, VMInfo, HostCap] | None = None
         for vm in candidates:

@@ -67,6 +67,8 @@ def _visible_plan(request, pk: int) -> MovePlan:
 
 def _plan_context(request, plan: MovePlan) -> dict:
     items = list(selectors.plan_items(plan))
+    for item in items:
+        item.fallback_options = plan_services.fallback_choices(plan, item)
     done, total = plan_services.plan_progress(plan)
     return {
         "plan": plan,
@@ -75,7 +77,7 @@ def _plan_context(request, plan: MovePlan) -> dict:
         "total": total,
         "percent": round(100.0 * done / total, 1) if total else 100.0,
         "movable": sum(i.movable for i in items),
-        "fallbacks": plan_services.fallback_choices(plan),
+        "cold_capable": len(plan_services.fallback_choices(plan)) > 1,
         "can_edit": access.can_edit_plan(request.user, plan),
         "can_decide": access.can_decide_plan(request.user, plan),
         "can_cancel": access.can_cancel_plan(request.user, plan),

@@ -58,6 +58,21 @@ def test_evacuation_respects_anti_affinity_and_host_state_and_cluster():
     assert "h4" not in plan.unmovable[1]  # another cluster is never a candidate
 
 
+def test_cold_targets_for_a_powered_off_vm_and_one_on_local_storage():
+    hosts = [host(1, datastore_ids=frozenset({100, 7})), host(2), host(3, mem_gib=8)]
+    stores = [StoreCap(100, "shared", 500 * GiB, frozenset({1, 2, 3})), StoreCap(7, "local", 50 * GiB, frozenset({1}))]
+    vms = [vm(1, 1, 4, powered_on=False), vm(2, 1, 4, stores={7}), vm(3, 1, 4, blocker="open request #9")]
+    plan = plan_host_evacuation(source_host_id=1, hosts=hosts, vms=vms, cold_stores=stores)
+    assert plan.moves == [] and set(plan.unmovable) == {1, 2, 3}
+    assert plan.unmovable[1].startswith("powered off")
+    assert (plan.cold_moves[1].target_host_id, plan.cold_moves[1].target_datastore_id) == (2, None)
+    # vm 2's disks live where no other host looks: cold, with them copied to the shared store.
+    assert (plan.cold_moves[2].target_host_id, plan.cold_moves[2].target_datastore_id) == (2, 100)
+    assert "with its disks on shared" in plan.cold_moves[2].why
+    assert 3 not in plan.cold_moves  # an open request blocks any move
+    assert plan_host_evacuation(source_host_id=1, hosts=hosts, vms=vms).cold_moves == {}  # driver cannot
+
+
 def test_evacuation_keeps_headroom_and_reports_blockers():
     hosts = [host(1), host(2, mem_gib=10)]
     vms = [vm(1, 1, 9), vm(2, 1, 1, blocker="powered off; a live migration needs it running")]
@@ -119,7 +134,7 @@ def clusters(draw):
 
 def _placement_after(plan, vms):
     where = {v.id: v.host_id for v in vms}
-    for m in plan.moves:
+    for m in [*plan.moves, *plan.cold_moves.values()]:
         where[m.vm_id] = m.target_host_id
     return where
 
@@ -140,16 +155,30 @@ def _groups_ok(where, vms, hosts_checked):
 @given(clusters(), st.sampled_from([0.0, 0.1, 0.25]))
 def test_evacuation_never_breaks_capacity_visibility_or_anti_affinity(cluster, headroom):
     hosts, vms = cluster
-    plan = plan_host_evacuation(source_host_id=1, hosts=hosts, vms=vms, headroom=headroom)
+    stores = [StoreCap(d, f"ds{d}", 30 * GiB, frozenset(h.id for h in hosts if d in h.datastore_ids))
+              for d in (100, 7, 8)]
+    plan = plan_host_evacuation(source_host_id=1, hosts=hosts, vms=vms, headroom=headroom, cold_stores=stores)
     by_id = {h.id: h for h in hosts}
     leaving = {v.id for v in vms if v.host_id == 1}
     assert {m.vm_id for m in plan.moves} | set(plan.unmovable) == leaving  # every VM answered once
     assert not {m.vm_id for m in plan.moves} & set(plan.unmovable)
+    assert set(plan.cold_moves) <= set(plan.unmovable)  # cold only where live is impossible
     where = _placement_after(plan, vms)
     for m in plan.moves:
         target = by_id[m.target_host_id]
         moving = next(v for v in vms if v.id == m.vm_id)
         assert target.usable and target.id != 1 and moving.datastore_ids <= target.datastore_ids
+    copied: dict[int, int] = {}
+    for m in plan.cold_moves.values():
+        target = by_id[m.target_host_id]
+        moving = next(v for v in vms if v.id == m.vm_id)
+        assert target.usable and target.id != 1
+        if m.target_datastore_id is None:
+            assert moving.datastore_ids <= target.datastore_ids
+        else:
+            assert m.target_datastore_id in target.datastore_ids
+            copied[m.target_datastore_id] = copied.get(m.target_datastore_id, 0) + moving.disk_bytes
+    assert all(b <= 30 * GiB for b in copied.values())
     for h in hosts:
         arriving = [v for v in vms if v.host_id != h.id and where[v.id] == h.id]
         if arriving:

@@ -25,6 +25,7 @@ class MigrationRequest(models.Model):
     )
     reason = models.TextField()
     start_after = models.DateTimeField(null=True, blank=True, help_text="Empty: as soon as approved.")
+    cold = models.BooleanField(default=False, help_text="Power off, move, power on (a move plan's fallback).")
     status = models.CharField(
         max_length=20, choices=RequestStatus.choices, default=RequestStatus.PENDING_APPROVAL, db_index=True
     )
@@ -47,7 +48,8 @@ class MigrationRequest(models.Model):
 
     @property
     def kind_label(self) -> str:
-        return {"compute": "compute", "storage": "storage", "both": "compute and storage"}[self.kind]
+        label = {"compute": "compute", "storage": "storage", "both": "compute and storage"}[self.kind]
+        return f"cold {label}" if self.cold else label
 
     @property
     def target_summary(self) -> str:

@@ -298,7 +298,7 @@ def _preflight_at_start(run: MigrationRun, driver: drv.Driver, spec: drv.Migrati
 
     request = run.request
     try:
-        check_move(request.vm, request.kind, request.target_host, request.target_datastore)
+        check_move(request.vm, request.kind, request.target_host, request.target_datastore, cold=request.cold)
     except ActionRefused as exc:
         return exc.message
     failed = [c.message for c in driver.preflight(spec) if not c.ok]
@@ -313,7 +313,8 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
 
     def target() -> None:
         try:
-            outcome.result = driver.migrate(spec, on_progress=updates.put, cancel=cancel)
+            move = driver.cold_move if run.request.cold else driver.migrate  # cold: a move plan's fallback
+            outcome.result = move(spec, on_progress=updates.put, cancel=cancel)
         except drv.DriverError as exc:
             outcome.error = exc
         except Exception as exc:  # noqa: BLE001 - any other error is the portal's bug: keep the traceback

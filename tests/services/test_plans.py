@@ -57,8 +57,11 @@ def test_build_plans_every_vm_on_the_host_and_flags_the_one_that_cannot_move(eva
     assert sorted(i.target_host.name for i in movable) == ["a.lab", "a.lab", "b.lab", "b.lab", "c.lab", "c.lab"]
     assert all("most free memory" in i.why for i in movable)
     stuck = items[-1]
-    assert stuck.vm.name == "pinned-local" and not stuck.movable and stuck.target_host is None
+    assert stuck.vm.name == "pinned-local" and not stuck.movable
     assert "does not see its datastore" in stuck.blocker and stuck.fallback == "skip"
+    # The simulator can cold-move: the planner found it a host and a datastore that host sees.
+    assert stuck.target_host.name in {"a.lab", "b.lab", "c.lab"} and stuck.target_datastore.name == "shared-ds"
+    assert stuck.kind == "both" and stuck.why.startswith("cold move to")
     entry = AuditEntry.objects.get(action=AuditAction.PLAN_BUILT, object_id=str(plan.pk))
     assert entry.data["moves"] == 6 and entry.data["unmovable"] == 1
 
@@ -73,10 +76,15 @@ def test_only_admins_build_plans_and_a_reason_is_required(evac_dc, users):
     assert exc.value.field == "reason" and not MovePlan.objects.exists()
 
 
-def test_fallback_offers_skip_only_where_the_driver_cannot_cold_move(evac_dc, users):
+def test_fallback_offers_skip_only_where_the_driver_cannot_cold_move(evac_dc, users, monkeypatch):
+    from drivers.base import Capability
+    from drivers.simulator import SimulatorDriver
+
+    monkeypatch.setattr(SimulatorDriver, "capabilities", SimulatorDriver.capabilities & ~Capability.COLD_MOVE)
     plan = build(evac_dc, users)
     stuck = plan.items.get(movable=False)
-    assert svc.fallback_choices(plan) == [("skip", "Skip (leave it where it is)")]
+    assert stuck.target_host is None and stuck.why == ""  # no cold target planned
+    assert svc.fallback_choices(plan, stuck) == [("skip", "Skip (leave it where it is)")]
     with pytest.raises(ActionRefused, match="not a fallback this hypervisor offers"):
         svc.move_plan_set_fallback(plan=plan, actor=users["carol"], item=stuck, fallback="cold_move")
     with pytest.raises(ActionRefused, match="moves live"):
@@ -87,6 +95,38 @@ def test_fallback_offers_skip_only_where_the_driver_cannot_cold_move(evac_dc, us
     assert exc.value.denied
     svc.move_plan_set_fallback(plan=plan, actor=users["carol"], item=stuck, fallback="skip")
     assert AuditEntry.objects.filter(action=AuditAction.PLAN_FALLBACK_SET, outcome=AuditOutcome.SUCCESS).count() == 1
+
+
+def test_cold_move_fallback_powers_off_moves_and_powers_on(evac_dc, users, django_capture_on_commit_callbacks):
+    from migrations_app.services.inventory import driver_for
+
+    plan = build(evac_dc, users)
+    stuck = plan.items.select_related("vm", "target_host", "target_datastore").get(movable=False)
+    svc.move_plan_set_fallback(plan=plan, actor=users["carol"], item=stuck, fallback="cold_move")
+    svc.move_plan_submit(plan=plan, actor=users["carol"])
+    svc.move_plan_approve(plan=plan, actor=users["erin"])
+    stuck.refresh_from_db()
+    assert stuck.status == Item.MOVING and stuck.request.cold and stuck.request.kind == "both"
+    assert "cold move" in stuck.request.policy_note
+    run_all(django_capture_on_commit_callbacks)
+    plan.refresh_from_db()
+    assert plan.status == P.DONE and plan.summary == "7 moved, 0 skipped, 0 not moved."
+    # The simulator's own word: on the target, disks on the shared datastore, running again.
+    vm = next(v for v in driver_for(evac_dc).inventory().vms if v.name == "pinned-local")
+    assert vm.host_ref == stuck.target_host.ref and set(vm.datastore_refs) == {stuck.target_datastore.ref}
+    assert vm.power_state == "on"
+    assert VirtualMachine.objects.get(pk=stuck.vm_id).host_id == stuck.target_host_id
+
+
+def test_a_powered_off_vm_is_offered_a_cold_move_on_the_same_storage(tmp_path, users):
+    state = evacuation_state(2, local_vm=False)
+    state["vms"][0]["power"] = "off"
+    conn = simulated_connection(tmp_path / "off.json", state)
+    plan = build(conn, users)
+    off = plan.items.select_related("vm").get(movable=False)
+    assert off.vm.name == "app-00" and off.blocker.startswith("powered off")
+    assert off.kind == "compute" and off.target_host is not None and off.target_datastore is None
+    assert dict(svc.fallback_choices(plan, off)).keys() == {"skip", "cold_move"}
 
 
 def test_the_requester_never_approves_their_own_plan(evac_dc, users):

@@ -73,9 +73,14 @@ def test_review_submit_and_decide_through_the_pages(users, evac_dc):
     plan = built(evac_dc, users)
     stuck = plan.items.get(movable=False)
     carol, erin = client(users, "carol"), client(users, "erin")
-    carol.post(f"/plans/{plan.pk}/items/{stuck.pk}/fallback/", {"fallback": "cold_move"})  # not offered
+    assert '<option value="cold_move">' in carol.get(f"/plans/{plan.pk}/").content.decode()
+    carol.post(f"/plans/{plan.pk}/items/{stuck.pk}/fallback/", {"fallback": "teleport"})  # no such fallback
+    erin.post(f"/plans/{plan.pk}/items/{stuck.pk}/fallback/", {"fallback": "cold_move"})  # not her plan
     stuck.refresh_from_db()
     assert stuck.fallback == "skip"
+    carol.post(f"/plans/{plan.pk}/items/{stuck.pk}/fallback/", {"fallback": "cold_move"})
+    stuck.refresh_from_db()
+    assert stuck.fallback == "cold_move"
     erin.post(f"/plans/{plan.pk}/submit/")  # not hers
     assert MovePlan.objects.get(pk=plan.pk).status == PlanStatus.DRAFT
     carol.post(f"/plans/{plan.pk}/submit/")
@@ -90,7 +95,8 @@ def test_review_submit_and_decide_through_the_pages(users, evac_dc):
     assert MovePlan.objects.get(pk=plan.pk).status == PlanStatus.PENDING_APPROVAL
     erin.post(f"/plans/{plan.pk}/approve/", {"comment": "ok"})
     assert MovePlan.objects.get(pk=plan.pk).status == PlanStatus.RUNNING
-    assert MigrationRequest.objects.filter(plan_items__plan=plan).count() == 4
+    assert MigrationRequest.objects.filter(plan_items__plan=plan).count() == 5  # 4 live, 1 cold
+    assert MigrationRequest.objects.get(plan_items=stuck).cold
     assert AuditEntry.objects.filter(action=AuditAction.PLAN_APPROVED, actor=users["erin"]).exists()
 
 

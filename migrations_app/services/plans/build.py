@@ -33,11 +33,18 @@ from migrations_app.services.plans._common import audit_plan
 
 
 def _vm_blocker(vm: VirtualMachine, open_vm_ids: set[int]) -> str:
-    if vm.power_state != PowerState.ON:
-        return f"{vm.get_power_state_display().lower()}; a live migration needs it running"
+    """What keeps a VM from any move, live or cold ('' when nothing does)."""
     if vm.pk in open_vm_ids:
         return "it already has an open migration request"
+    if vm.power_state == PowerState.SUSPENDED:
+        return "suspended; resume or power it off first"
     return ""
+
+
+def _kind(target_host_id: int | None, target_datastore_id: int | None) -> str:
+    if target_host_id and target_datastore_id:
+        return MigrationKind.BOTH
+    return MigrationKind.STORAGE if target_datastore_id else MigrationKind.COMPUTE
 
 
 def _capacities(connection, cluster: Cluster, *, compute: bool) -> tuple[list[placement.HostCap], list[placement.StoreCap],
@@ -69,7 +76,7 @@ def _capacities(connection, cluster: Cluster, *, compute: bool) -> tuple[list[pl
             disk_bytes=sum(by_store.values()),
             # A driver that copies local disks along (libvirt) needs no shared datastore for a compute move.
             datastore_ids=frozenset() if compute and copies_local else frozenset(by_store),
-            tags=tuple(vm.tags or ()), blocker=_vm_blocker(vm, open_ids),
+            tags=tuple(vm.tags or ()), blocker=_vm_blocker(vm, open_ids), powered_on=vm.power_state == PowerState.ON,
             disk_bytes_by_store=tuple(sorted(by_store.items()))))
     return host_caps, store_caps, vm_infos
 
@@ -132,13 +139,16 @@ def move_plan_build(*, requester, kind: str, reason: str, host: Host | None = No
             h, s, v = _capacities(connection, c, compute=kind != PlanKind.EVACUATE_DATASTORE)
             host_caps += h
             store_caps, vms = s, vms + v
+        cold = connection.supports(Capability.COLD_MOVE)
         if kind == PlanKind.EVACUATE_HOST:
             result = placement.plan_host_evacuation(source_host_id=host.pk, hosts=host_caps, vms=vms,
-                                                    headroom=headroom, estimator=estimator)
+                                                    headroom=headroom, estimator=estimator,
+                                                    cold_stores=store_caps if cold else None)
         elif kind == PlanKind.EVACUATE_DATASTORE:
             capacity = dict(Datastore.objects.filter(connection=connection).values_list("pk", "capacity_bytes"))
             result = placement.plan_datastore_evacuation(source_datastore_id=datastore.pk, stores=store_caps,
-                                                         vms=vms, capacities=capacity, estimator=estimator)
+                                                         vms=vms, capacities=capacity, estimator=estimator,
+                                                         cold=cold)
         else:
             result = placement.recommend_rebalance(hosts=host_caps, vms=vms, headroom=headroom,
                                                    estimator=estimator)
@@ -154,17 +164,22 @@ def move_plan_build(*, requester, kind: str, reason: str, host: Host | None = No
         max_attempts = max(1, settings.PORTAL["PLAN_MAX_ATTEMPTS"])
         items = [
             PlanItem(plan=plan, vm_id=m.vm_id, order=m.order, source_host_id=source_of[m.vm_id],
-                     kind=MigrationKind.STORAGE if m.target_datastore_id else MigrationKind.COMPUTE,
+                     kind=_kind(m.target_host_id, m.target_datastore_id),
                      target_host_id=m.target_host_id, target_datastore_id=m.target_datastore_id, why=m.why,
                      max_attempts=max_attempts)
             for m in result.moves
         ]
         stuck = sorted(result.unmovable.items(), key=lambda kv: next(v.name for v in vms if v.id == kv[0]))
+        # A VM that cannot move live keeps its cold-move target (if any) for the fallback; skip by default.
+        no_cold = placement.PlannedMove(vm_id=0, order=0)
         items += [
             PlanItem(plan=plan, vm_id=vm_id, order=len(result.moves) + n, source_host_id=source_of[vm_id],
-                     kind=MigrationKind.STORAGE if kind == PlanKind.EVACUATE_DATASTORE else MigrationKind.COMPUTE,
+                     kind=_kind(c.target_host_id, c.target_datastore_id) if c.why else (
+                         MigrationKind.STORAGE if kind == PlanKind.EVACUATE_DATASTORE else MigrationKind.COMPUTE),
+                     target_host_id=c.target_host_id, target_datastore_id=c.target_datastore_id, why=c.why,
                      movable=False, blocker=why[:500], fallback=PlanFallback.SKIP, max_attempts=max_attempts)
             for n, (vm_id, why) in enumerate(stuck, start=1)
+            for c in [result.cold_moves.get(vm_id, no_cold)]
         ]
         PlanItem.objects.bulk_create(items)
         audit_plan(plan, actor=requester, action=AuditAction.PLAN_BUILT, reason=reason, ip=ip,
@@ -174,9 +189,11 @@ def move_plan_build(*, requester, kind: str, reason: str, host: Host | None = No
     return plan
 
 
-def fallback_choices(plan: MovePlan) -> list[tuple[str, str]]:
-    """The fallbacks this plan's driver allows for a VM that cannot move live."""
+def fallback_choices(plan: MovePlan, item: PlanItem | None = None) -> list[tuple[str, str]]:
+    """The fallbacks for a VM that cannot move live: skip, and a cold move where the plan's driver
+    can cold-move and the planner found the VM a cold target (``item`` None: the plan's driver)."""
     out = [(PlanFallback.SKIP.value, PlanFallback.SKIP.label)]
-    if plan.connection.supports(Capability.COLD_MOVE):
+    has_target = item is None or bool(item.target_host_id or item.target_datastore_id)
+    if plan.connection.supports(Capability.COLD_MOVE) and has_target:
         out.append((PlanFallback.COLD_MOVE.value, PlanFallback.COLD_MOVE.label))
     return out

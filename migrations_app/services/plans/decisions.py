@@ -10,7 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from migrations_app import access
-from migrations_app.choices import TERMINAL, AuditAction
+from migrations_app.choices import TERMINAL, AuditAction, PlanFallback
 from migrations_app.models import MovePlan, PlanItem
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.plans._common import (
@@ -36,7 +36,7 @@ def move_plan_set_fallback(*, plan: MovePlan, actor, item: PlanItem, fallback: s
         item = PlanItem.objects.select_related("vm").get(pk=item.pk, plan=plan)
         if item.movable:
             raise ActionRefused(f"{item.vm.name} moves live; a fallback is only for VMs that cannot", field="fallback")
-        if fallback not in dict(fallback_choices(plan)):
+        if fallback not in dict(fallback_choices(plan, item)):
             raise ActionRefused(f"{fallback!r} is not a fallback this hypervisor offers", field="fallback")
         old, item.fallback = item.fallback, fallback
         item.save(update_fields=["fallback"])
@@ -76,9 +76,9 @@ def move_plan_approve(*, plan: MovePlan, actor, comment: str = "", ip: str | Non
         audit_plan(plan, actor=None, action=AuditAction.PLAN_STARTED)
         items = plan.items.select_related("vm", "source_host", "target_host__cluster", "target_datastore").order_by("order")
         for item in items:
-            if item.movable:
+            if item.movable or item.fallback == PlanFallback.COLD_MOVE:
                 start_attempt(plan, item, approver=actor, ip=ip)
-            else:  # skip is the only fallback until a driver declares COLD_MOVE
+            else:  # fallback skip: it stays where it is, as the plan says
                 item.status = Item.SKIPPED
                 item.explanation = f"Stays on {item.source_host.name}: {item.blocker}."
                 item.save(update_fields=["status", "explanation"])

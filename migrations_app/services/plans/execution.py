@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
-from migrations_app.choices import ITEM_TERMINAL, TERMINAL, AuditAction, AuditOutcome, RequestStatus
+from migrations_app.choices import ITEM_TERMINAL, TERMINAL, AuditAction, AuditOutcome, PlanFallback, RequestStatus
 from migrations_app.models import MigrationRequest, MovePlan, PlanItem, VirtualMachine
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_record
@@ -21,6 +21,7 @@ def start_attempt(plan: MovePlan, item: PlanItem, *, approver, ip: str | None) -
     from migrations_app.services.requests import _approve_locked, notify_request_changed
 
     attempt = item.attempts + 1
+    cold = not item.movable and item.fallback == PlanFallback.COLD_MOVE  # the requester chose it
     try:
         with transaction.atomic():  # a savepoint: the request and its audit, or nothing
             vm = (VirtualMachine.objects.select_for_update(of=("self",))
@@ -28,18 +29,22 @@ def start_attempt(plan: MovePlan, item: PlanItem, *, approver, ip: str | None) -
             existing = open_request_for_vm(vm)
             if existing is not None:
                 raise ActionRefused(f"{vm.name} already has an open request (#{existing.pk})")
-            check_move(vm, item.kind, item.target_host, item.target_datastore)
+            check_move(vm, item.kind, item.target_host, item.target_datastore, cold=cold)
             request = MigrationRequest.objects.create(
                 requester=plan.requester, vm=vm, kind=item.kind, target_host=item.target_host,
-                target_datastore=item.target_datastore, reason=f"plan #{plan.pk}: {plan.reason}",
+                target_datastore=item.target_datastore, reason=f"plan #{plan.pk}: {plan.reason}", cold=cold,
                 source_placement=vm.placement_snapshot(),
-                policy_note=f"part of plan #{plan.pk}, attempt {attempt} of {item.max_attempts}",
+                policy_note=f"part of plan #{plan.pk}, attempt {attempt} of {item.max_attempts}"
+                            + (" (cold move: powered off while it moves)" if cold else ""),
             )
+            after = {}
+            if item.target_host_id:
+                after["host"] = item.target_host.name
+            if item.target_datastore_id:
+                after["datastore"] = item.target_datastore.name
             audit_record(actor=plan.requester, action=AuditAction.REQUEST_SUBMITTED, request=request,
-                         reason=request.reason, before=request.source_placement,
-                         after={"host": item.target_host.name} if item.target_host_id
-                         else {"datastore": item.target_datastore.name},
-                         data={"kind": item.kind, "plan": plan.pk, "attempt": attempt})
+                         reason=request.reason, before=request.source_placement, after=after,
+                         data={"kind": item.kind, "plan": plan.pk, "attempt": attempt, "cold": cold})
             comment = f"approved as part of plan #{plan.pk}"
             if attempt > 1:
                 comment += f" (attempt {attempt} of {item.max_attempts})"
