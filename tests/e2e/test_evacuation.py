@@ -125,14 +125,18 @@ def evacuate(live_portal, login, tmp_path, settings):
     assert stuck.vm.name == "pinned-local" and "does not see its datastore" in stuck.blocker
     assert plan.items.filter(movable=True).count() == 20 and plan.estimated_duration_s > 0
     in_thread(lambda: svc.move_plan_set_fallback(plan=plan, actor=carol, item=stuck, fallback="skip"))
-    in_thread(lambda: svc.move_plan_submit(plan=plan, actor=carol))
 
-    # The approver opens the plan and approves it in the browser; the page then follows it live.
+    # The approver's queue shows the plan as soon as it is submitted; she opens it and approves it
+    # in the browser, and the plan's page then follows it live.
     page = login("erin", "pw-erin")
     frames: list[dict] = []
     page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(json.loads(f))
                                           if isinstance(f, str) else None))
-    page.goto(f"{live_portal['url']}/plans/{plan.pk}/")
+    page.goto(f"{live_portal['url']}/approvals/")
+    page.wait_for_selector("#live-state.on")
+    page.wait_for_selector("#plan-cards >> text=No plan waits for you")
+    in_thread(lambda: svc.move_plan_submit(plan=plan, actor=carol))
+    page.click(f"#plan-cards [data-plan-id='{plan.pk}'] >> text=Review plan #{plan.pk}")
     page.wait_for_selector("#live-state.on")
     page.click("#plan-approve")
     page.wait_for_selector("#plan-status[data-status=running]")
