@@ -46,6 +46,9 @@ class Capability(enum.Flag):
     # A migration task can be aborted by its id from another process (``cancel_task``): the
     # watchdog stops a lost worker's move that passed its budget.
     TASK_ABORT = enum.auto()
+    # Power a VM off, move it (host and/or storage) and power it on again (``Driver.cold_move``):
+    # the fallback a move plan offers for a VM that cannot move live. The guest is down meanwhile.
+    COLD_MOVE = enum.auto()
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,3 +414,15 @@ class Driver(abc.ABC):
     ) -> MigrationResult:
         """Run one live migration to the end. Raises a DriverError subclass on failure,
         MigrationCancelled when ``cancel`` was set, MigrationTimedOut past ``spec.timeout_s``."""
+
+    def cold_move(
+        self,
+        spec: MigrationSpec,
+        *,
+        on_progress: ProgressCallback,
+        cancel: threading.Event,
+    ) -> MigrationResult:
+        """Move a VM that cannot move live: power it off (if it runs), move it to the target host
+        and/or datastore, power it on again (if it ran). Drivers with ``Capability.COLD_MOVE``
+        override this; the others refuse. Same errors and progress rules as ``migrate``."""
+        raise Unsupported("this hypervisor driver cannot cold-move a VM")

@@ -11,6 +11,10 @@ run quickly. It fails on cue, driven by VM tags:
 - ``sim:never-converge``: memory is dirtied faster than the link copies it, so pre-copy never ends
   and the run must be cancelled or time out.
 
+A cold move (``cold_move``) powers the VM off, copies its disks if the datastore changes, registers
+it on the target host and powers it on again if it ran: it works for powered-off VMs and for hosts
+that do not see the VM's datastore (with a datastore they do see).
+
 Options (ConnectionConfig.options): seed, datacenters, clusters, hosts_per_cluster, datastores, vms,
 speed, bandwidth_bytes_per_s, state_file. With ``state_file`` the state lives in a JSON file shared
 by every process (the web server and the workers see the same placements); without it, in memory.
@@ -188,6 +192,7 @@ class SimulatorDriver(Driver):
         | Capability.TASK_LOOKUP
         | Capability.TASKS_BY_VM
         | Capability.TASK_ABORT
+        | Capability.COLD_MOVE
     )
 
     def __init__(self, config: ConnectionConfig):
@@ -528,3 +533,88 @@ class SimulatorDriver(Driver):
             duration_s=time.monotonic() - started,
             message=f"{vm['name']} moved",
         )
+
+    # -- cold move ---------------------------------------------------------------------------
+    def _validate_cold(self, s: dict, spec: MigrationSpec) -> tuple[dict, dict | None, dict | None]:
+        vm = self._find(s["vms"], spec.vm_ref, "VM")
+        host = self._find(s["hosts"], spec.target_host_ref, "host") if spec.target_host_ref else None
+        ds = self._find(s["datastores"], spec.target_datastore_ref, "datastore") if spec.target_datastore_ref else None
+        if host is not None:
+            if host["ref"] == vm["host"] and ds is None:
+                raise InvalidState(f"VM {vm['name']} already runs on {host['name']}")
+            if not host["connected"]:
+                raise InvalidState(f"host {host['name']} is not connected")
+            if host["maintenance"]:
+                raise InvalidState(f"host {host['name']} is in maintenance mode")
+        final_host = host["ref"] if host else vm["host"]
+        if ds is not None:
+            if final_host not in ds["hosts"]:
+                raise InvalidState(f"datastore {ds['name']} is not mounted on the target host")
+            moving = sum(d["size"] for d in vm["disks"] if d["ds"] != ds["ref"])
+            if ds["capacity"] - ds["used"] < moving:
+                raise InsufficientResources(
+                    f"datastore {ds['name']} has {(ds['capacity'] - ds['used']) / GiB:.0f} GiB free; "
+                    f"{vm['name']} needs {moving / GiB:.0f} GiB"
+                )
+        elif any(final_host not in self._find(s["datastores"], d["ds"], "datastore")["hosts"] for d in vm["disks"]):
+            raise InvalidState("the target host does not see the VM's datastore; move the storage too")
+        return vm, host, ds
+
+    def cold_move(
+        self,
+        spec: MigrationSpec,
+        *,
+        on_progress: ProgressCallback,
+        cancel: threading.Event,
+    ) -> MigrationResult:
+        """Power off, copy the disks (if the datastore changes), register on the target, power on
+        again if it ran. Cancelled or timed out before the switch, the VM is back as it was."""
+        started = time.monotonic()
+        with self._state() as s:
+            vm, host, ds = self._validate_cold(s, spec)
+            task_id = self._new_task(s, spec.vm_ref)
+            was_on = vm["power"] == "on"
+            self._find(s["vms"], spec.vm_ref, "VM")["power"] = "off"
+        moving = sum(d["size"] for d in vm["disks"] if ds is not None and d["ds"] != ds["ref"])
+        rate = min(self.bandwidth, float(spec.bandwidth_bytes_per_s or self.bandwidth))
+        on_progress(ProgressUpdate(Phase.PRECHECK, 0.0, bytes_total=moving, task_id=task_id,
+                                   message="powered off for a cold move" if was_on else "checking the move"))
+
+        def give_back(state: TaskState, message: str) -> None:
+            with self._state() as st:
+                if was_on:
+                    self._find(st["vms"], spec.vm_ref, "VM")["power"] = "on"
+                st["tasks"][task_id] = {"state": state.value, "message": message}
+
+        copied = 0.0
+        while True:
+            if cancel.wait(self.tick):
+                give_back(TaskState.CANCELLED, "cancelled by the portal")
+                raise MigrationCancelled(f"cold move of {vm['name']} cancelled; it is back where it was")
+            if spec.timeout_s is not None and time.monotonic() - started > spec.timeout_s:
+                give_back(TaskState.FAILED, "timed out")
+                raise MigrationTimedOut(f"cold move of {vm['name']} did not finish within {spec.timeout_s:.0f} s")
+            if copied >= moving:
+                break
+            copied = min(float(moving), copied + rate * self.tick * self.speed)
+            on_progress(ProgressUpdate(Phase.DISK_COPY, 2.0 + 95.0 * copied / moving, bytes_done=int(copied),
+                                       bytes_total=moving, rate_bytes_per_s=rate, task_id=task_id,
+                                       eta_s=(moving - copied) / rate))
+        with self._state() as s:
+            live = self._find(s["vms"], spec.vm_ref, "VM")
+            if host is not None:
+                live["host"] = host["ref"]
+            if ds is not None:
+                for disk in live["disks"]:
+                    if disk["ds"] != ds["ref"]:
+                        self._find(s["datastores"], disk["ds"], "datastore")["used"] -= disk["size"]
+                        self._find(s["datastores"], ds["ref"], "datastore")["used"] += disk["size"]
+                        disk["ds"] = ds["ref"]
+            live["power"] = "on" if was_on else "off"
+            s["tasks"][task_id] = {"state": TaskState.SUCCEEDED.value, "message": ""}
+            placement = Placement(live["host"], {d["key"]: d["ds"] for d in live["disks"]})
+        on_progress(ProgressUpdate(Phase.DONE, 100.0, bytes_done=moving, bytes_total=moving, task_id=task_id,
+                                   message="powered on at the target" if was_on else "moved (it stays powered off)"))
+        took = time.monotonic() - started
+        return MigrationResult(placement=placement, task_id=task_id, downtime_ms=1000.0 * took if was_on else None,
+                               duration_s=took, message=f"{vm['name']} cold-moved")

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from migrations_app.choices import AWAITING_DECISION, CANCELABLE, Role
+from migrations_app.choices import (
+    AWAITING_DECISION,
+    CANCELABLE,
+    PLAN_CANCELABLE,
+    PLAN_EDITABLE,
+    PlanStatus,
+    Role,
+)
 from migrations_app.windows import window_closed
 
 
@@ -108,6 +115,48 @@ def can_view_audit(user) -> Verdict:
 
 def can_watch_approvals(user) -> Verdict:
     return ALLOW if has_role(user, Role.APPROVER, Role.ADMIN) else deny("only approvers see the approval queue")
+
+
+# -- move plans ---------------------------------------------------------------------------------
+# Evacuating a host or a datastore, or rebalancing a cluster, moves VMs of many owner groups: it is
+# an operator's action. Admins build plans; approvers (or another admin) approve them, never the
+# plan's own requester; approvers, auditors and admins see them.
+
+
+def can_build_plan(user) -> Verdict:
+    return ALLOW if has_role(user, Role.ADMIN) else deny("only admins build evacuation and rebalance plans")
+
+
+def can_view_plan(user, plan) -> Verdict:
+    return ALLOW if sees_everything(user) else deny("you may not see this plan")
+
+
+def can_edit_plan(user, plan) -> Verdict:
+    """Choose fallbacks and submit: the plan's requester, while it is a draft."""
+    if plan.requester_id != getattr(user, "pk", None) or not has_role(user, Role.ADMIN):
+        return deny("only the admin who built this plan can change or submit it")
+    if plan.status not in PLAN_EDITABLE:
+        return deny(f"this plan is already {plan.get_status_display().lower()}", conflict=True)
+    return ALLOW
+
+
+def can_decide_plan(user, plan) -> Verdict:
+    if not has_role(user, Role.APPROVER, Role.ADMIN):
+        return deny("only approvers can approve or reject plans")
+    if plan.requester_id == user.pk:
+        return deny("you cannot approve or reject your own plan")
+    if plan.status != PlanStatus.PENDING_APPROVAL:
+        return deny(f"this plan is {plan.get_status_display().lower()}", conflict=True)
+    return ALLOW
+
+
+def can_cancel_plan(user, plan) -> Verdict:
+    if plan.requester_id != user.pk and not has_role(user, Role.ADMIN):
+        return deny("only the plan's requester or an admin can cancel it")
+    if plan.status not in PLAN_CANCELABLE or plan.cancel_requested_at is not None:
+        return deny(f"this plan is already {plan.get_status_display().lower()}"
+                    + (" and being cancelled" if plan.cancel_requested_at else ""), conflict=True)
+    return ALLOW
 
 
 def roles_context(request) -> dict:

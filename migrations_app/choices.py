@@ -131,6 +131,17 @@ class AuditAction(models.TextChoices):
     USER_LOGOUT = "user.logout", "Logged out"
     NOTIFICATIONS_CHANGED = "user.notifications_changed", "Notification preferences changed"
     RUN_WATCHDOG_ABORT = "run.watchdog_abort", "Run aborted by the watchdog"
+    PLAN_BUILT = "plan.built", "Move plan built"
+    PLAN_FALLBACK_SET = "plan.fallback_set", "Move plan fallback chosen"
+    PLAN_SUBMITTED = "plan.submitted", "Move plan submitted"
+    PLAN_APPROVED = "plan.approved", "Move plan approved"
+    PLAN_REJECTED = "plan.rejected", "Move plan rejected"
+    PLAN_CANCELLED = "plan.cancelled", "Move plan cancelled"
+    PLAN_STARTED = "plan.started", "Move plan started"
+    PLAN_ITEM_RETRIED = "plan.item_retried", "Move plan item retried"
+    PLAN_ITEM_SETTLED = "plan.item_settled", "Move plan item settled"
+    PLAN_FINISHED = "plan.finished", "Move plan finished"
+    PLAN_EXPIRED = "plan.expired", "Move plan expired"
 
 
 class NotificationCategory(models.TextChoices):
@@ -156,3 +167,81 @@ class AuditOutcome(models.TextChoices):
     SUCCESS = "success", "Success"
     FAILURE = "failure", "Failure"
     DENIED = "denied", "Denied"
+
+
+# -- move plans (evacuate a host or a datastore, rebalance a cluster) --------------------------
+
+
+class PlanKind(models.TextChoices):
+    EVACUATE_HOST = "evacuate_host", "Evacuate host"
+    EVACUATE_DATASTORE = "evacuate_datastore", "Evacuate datastore"
+    REBALANCE_CLUSTER = "rebalance_cluster", "Rebalance cluster"
+
+
+class PlanStatus(models.TextChoices):
+    """The state machine of a move plan. Its items' requests follow ``RequestStatus``."""
+
+    # Built; its requester reviews the targets and chooses a fallback for each VM that cannot move.
+    DRAFT = "draft", "Draft"
+    # Submitted; waits for an approver (never its requester).
+    PENDING_APPROVAL = "pending_approval", "Pending approval"
+    # Approved; its moves are about to be handed to the queue.
+    APPROVED = "approved", "Approved"
+    # Its moves are queued or running (admission control decides how many at once).
+    RUNNING = "running", "Running"
+    # Every movable VM moved; the VMs whose fallback was skip stayed where they were.
+    DONE = "done", "Done"
+    # Some VMs moved, others failed after their last attempt.
+    PARTIALLY_DONE = "partially_done", "Partially done"
+    # No VM moved: every attempt failed.
+    FAILED = "failed", "Failed"
+    # Withdrawn before approval, or stopped while running (moves already done stay done).
+    CANCELLED = "cancelled", "Cancelled"
+    # An approver said no, with a reason.
+    REJECTED = "rejected", "Rejected"
+    # Nobody decided in time.
+    EXPIRED = "expired", "Expired"
+
+    @classmethod
+    def check_transition(cls, current: str, target: str) -> None:
+        if target not in PLAN_TRANSITIONS.get(current, frozenset()):
+            raise IllegalTransition(current, target)
+
+
+P = PlanStatus
+
+PLAN_TRANSITIONS: dict[str, frozenset[str]] = {
+    P.DRAFT: frozenset({P.PENDING_APPROVAL, P.CANCELLED}),
+    P.PENDING_APPROVAL: frozenset({P.APPROVED, P.REJECTED, P.CANCELLED, P.EXPIRED}),
+    P.APPROVED: frozenset({P.RUNNING, P.CANCELLED}),
+    P.RUNNING: frozenset({P.DONE, P.PARTIALLY_DONE, P.FAILED, P.CANCELLED}),
+}
+
+PLAN_EDITABLE = frozenset({P.DRAFT})
+PLAN_CANCELABLE = frozenset({P.DRAFT, P.PENDING_APPROVAL, P.APPROVED, P.RUNNING})
+PLAN_TERMINAL = frozenset({P.DONE, P.PARTIALLY_DONE, P.FAILED, P.CANCELLED, P.REJECTED, P.EXPIRED})
+
+
+class PlanItemStatus(models.TextChoices):
+    # Waiting for the plan's approval.
+    PLANNED = "planned", "Planned"
+    # Its current attempt (a migration request) is queued or running.
+    MOVING = "moving", "Moving"
+    SUCCEEDED = "succeeded", "Moved"
+    # The last allowed attempt failed; the VM stays where it was.
+    FAILED = "failed", "Failed"
+    # Cannot move (or the requester chose to leave it): stays where it is, as agreed in the plan.
+    SKIPPED = "skipped", "Skipped"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+ITEM_TERMINAL = frozenset({PlanItemStatus.SUCCEEDED, PlanItemStatus.FAILED, PlanItemStatus.SKIPPED,
+                           PlanItemStatus.CANCELLED})
+
+
+class PlanFallback(models.TextChoices):
+    """What happens to a VM that cannot move live."""
+
+    SKIP = "skip", "Skip (leave it where it is)"
+    # Power off, move, power on: offered only where the driver declares Capability.COLD_MOVE.
+    COLD_MOVE = "cold_move", "Power off and cold-move"

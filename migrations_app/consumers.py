@@ -5,6 +5,7 @@ Client -> server (JSON):
     {"action": "subscribe", "stream": "request", "id": <request id>}
     {"action": "subscribe", "stream": "my-requests"}
     {"action": "subscribe", "stream": "approvals"}
+    {"action": "subscribe", "stream": "plan", "id": <move plan id>}
 Server -> client: the payloads of ``events`` (type, id, seq, status, ...), plus
     {"type": "subscribed", "stream": ..., "id": ...} and {"type": "error", "message": ...}.
 
@@ -25,7 +26,7 @@ from django.contrib.auth.models import User
 
 from migrations_app import access, events
 from migrations_app.choices import AuditAction
-from migrations_app.models import MigrationRequest, MigrationRun
+from migrations_app.models import MigrationRequest, MigrationRun, MovePlan
 from migrations_app.selectors import run_events_after
 from migrations_app.services.audit import audit_denied
 
@@ -81,6 +82,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
             # The status as of now, read after joining: a page rendered earlier compares and catches up.
             status = await self._request_status(request_id)
             await self._send({"type": "subscribed", "stream": stream, "id": request_id, "status": status})
+        elif stream == "plan":
+            await self._subscribe_plan(msg)
         elif stream == "my-requests":
             await self._join(events.user_requests_group(self.scope["user"].pk))
             await self._send({"type": "subscribed", "stream": stream, "id": None})
@@ -110,6 +113,27 @@ class LiveConsumer(AsyncWebsocketConsumer):
         _, backlog = await self._run_backlog(run_id, after)
         for payload in backlog:
             await self._send(payload)
+
+    async def _subscribe_plan(self, msg: dict) -> None:
+        plan_id = msg.get("id")
+        if not isinstance(plan_id, int) or isinstance(plan_id, bool):
+            await self._error("a plan subscription needs an integer id")
+            return
+        if await self._plan_status(plan_id) is None:
+            await self._refuse("no such plan, or you may not watch it", stream="plan", id=plan_id)
+            return
+        await self._join(events.plan_group(plan_id), "plan", plan_id)
+        # The status as of now, read after joining: a page rendered earlier compares and catches up.
+        status = await self._plan_status(plan_id)
+        await self._send({"type": "subscribed", "stream": "plan", "id": plan_id, "status": status})
+
+    @database_sync_to_async
+    def _plan_status(self, plan_id: int) -> str | None:
+        """The plan's status, or None when it is absent or not this user's to watch."""
+        plan = MovePlan.objects.filter(pk=plan_id).first()
+        if plan is None or not access.can_view_plan(self.scope["user"], plan):
+            return None
+        return plan.status
 
     @database_sync_to_async
     def _run_backlog(self, run_id: int, after: int) -> tuple[bool, list[dict]]:
@@ -157,6 +181,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
             return False
         if stream == "approvals":
             return bool(access.can_watch_approvals(user))
+        if stream == "plan":
+            plan = MovePlan.objects.filter(pk=obj_id).first()
+            return plan is not None and bool(access.can_view_plan(user, plan))
         if stream == "run":
             request = MigrationRequest.objects.select_related("vm").filter(run__pk=obj_id).first()
         else:

@@ -34,6 +34,16 @@ def approvals_group(role: str = "approver") -> str:
     return f"approvals.{role}"
 
 
+def plan_group(plan_id: int) -> str:
+    return f"move-plan.{plan_id}"
+
+
+def plan_changed_payload(plan, *, done: int, total: int) -> dict:
+    """A plan or one of its items changed; the page re-reads the items (the socket only notifies)."""
+    return {"type": "plan.changed", "id": plan.pk, "seq": 0, "status": plan.status, "done": done, "total": total,
+            "percent": round(100.0 * done / total, 1) if total else 100.0}
+
+
 def run_event_payload(event) -> dict:
     return {
         "type": "run.event",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django import forms
 
-from migrations_app.choices import MigrationKind, NotificationCategory
-from migrations_app.models import Datastore, Host
+from migrations_app.choices import MigrationKind, NotificationCategory, PlanKind
+from migrations_app.models import Cluster, Datastore, Host
 
 DATETIME_INPUTS = ["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"]
 
@@ -77,3 +77,13 @@ class NotificationPreferencesForm(forms.Form):
 
     wanted = forms.MultipleChoiceField(choices=NotificationCategory.choices, required=False,
                                        widget=forms.CheckboxSelectMultiple, label="Mail me when")
+
+
+class PlanBuildForm(forms.Form):
+    """What to evacuate or rebalance; the service decides whether a plan can be built."""
+
+    kind = forms.ChoiceField(choices=PlanKind.choices)
+    host = forms.ModelChoiceField(queryset=Host.objects.filter(present=True), required=False)
+    datastore = forms.ModelChoiceField(queryset=Datastore.objects.filter(present=True), required=False)
+    cluster = forms.ModelChoiceField(queryset=Cluster.objects.all(), required=False)
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), max_length=2000, strip=True)

@@ -113,6 +113,28 @@ def recent_migrations(vm, *, limit: int = 5) -> list[MigrationRequest]:
     return list(MigrationRequest.objects.filter(vm=vm, status__in=TERMINAL).order_by("-updated_at")[:limit])
 
 
+def visible_plans(user):
+    """Move plans this user may see (approvers, auditors and admins see them all)."""
+    from migrations_app.models import MovePlan
+
+    qs = MovePlan.objects.select_related("requester", "decided_by", "subject_host", "subject_datastore",
+                                         "subject_cluster", "connection")
+    return qs if access.sees_everything(user) else qs.none()
+
+
+def plan_approval_queue(user):
+    """Plans waiting for a decision this user may take (never their own)."""
+    from migrations_app.choices import PlanStatus
+
+    if not access.can_watch_approvals(user):
+        return visible_plans(user).none()
+    return visible_plans(user).filter(status=PlanStatus.PENDING_APPROVAL).exclude(requester=user).order_by("created_at")
+
+
+def plan_items(plan):
+    return plan.items.select_related("vm", "source_host", "target_host", "target_datastore", "request__run")
+
+
 def open_request_for_vm(vm) -> MigrationRequest | None:
     return MigrationRequest.objects.filter(vm=vm, status__in=OPEN).first()
 

@@ -20,6 +20,7 @@ from migrations_app import notifications
 from migrations_app.models import HypervisorConnection
 from migrations_app.services import audit as audit_services
 from migrations_app.services import inventory as inventory_services
+from migrations_app.services import plans as plan_services
 from migrations_app.services import recovery as recovery_services
 from migrations_app.services import requests as request_services
 from migrations_app.services import runs as run_services
@@ -41,6 +42,7 @@ def dispatch_due() -> None:
     run_services.migration_request_start_due()
     run_services.migration_run_redispatch_stale(older_than_s=settings.PORTAL["REDISPATCH_AFTER_S"])
     run_services.dispatch_all_admissible()
+    plan_services.move_plan_settle_stale()
 
 
 @shared_task(name="migrations_app.tasks.reconcile_stale", ignore_result=True)
@@ -56,6 +58,7 @@ def audit_checkpoint() -> None:
 @shared_task(name="migrations_app.tasks.expire_stale", ignore_result=True)
 def expire_stale() -> None:
     request_services.migration_request_expire_stale()
+    plan_services.move_plan_expire_stale()
 
 
 @shared_task(bind=True, name="migrations_app.tasks.deliver_notification", ignore_result=True)

@@ -1,6 +1,6 @@
 from django.urls import path, re_path
 
-from migrations_app import views
+from migrations_app import plan_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -15,6 +15,15 @@ urlpatterns = [
     path("requests/<int:pk>/cancel/", views.request_cancel, name="request_cancel"),
     path("approvals/", views.approvals, name="approvals"),
     path("notifications/", views.notification_settings, name="notification_settings"),
+    path("plans/", plan_views.plan_list, name="plans"),
+    path("plans/new/", plan_views.plan_build, name="plan_build"),
+    path("plans/queue/", plan_views.plan_queue, name="plan_queue"),
+    path("plans/<int:pk>/", plan_views.plan_detail, name="plan_detail"),
+    path("plans/<int:pk>/items/<int:item_pk>/fallback/", plan_views.plan_fallback, name="plan_fallback"),
+    path("plans/<int:pk>/submit/", plan_views.plan_submit, name="plan_submit"),
+    path("plans/<int:pk>/approve/", plan_views.plan_approve, name="plan_approve"),
+    path("plans/<int:pk>/reject/", plan_views.plan_reject, name="plan_reject"),
+    path("plans/<int:pk>/cancel/", plan_views.plan_cancel, name="plan_cancel"),
     path("audit/", views.audit_log, name="audit"),
     path("audit/verify/", views.audit_verify, name="audit_verify"),
     path("audit/<int:pk>/", views.audit_entry, name="audit_entry"),

@@ -156,7 +156,8 @@ def approvals(request):
         item.conflicts = selectors.conflicting_requests(item)
         item.recent = selectors.recent_migrations(item.vm)
     template = "migrations_app/_approval_cards.html" if request.htmx else "migrations_app/approvals.html"
-    return render(request, template, {"queue": queue, "reject_form": RejectForm()})
+    return render(request, template, {"queue": queue, "reject_form": RejectForm(),
+                                      "plan_queue": selectors.plan_approval_queue(request.user)})
 
 
 def _visible_request(request, pk: int) -> MigrationRequest:

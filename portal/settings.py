@@ -189,6 +189,10 @@ PORTAL = {
     "BASE_URL": os.environ.get("PORTAL_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
     "WEBHOOK_TIMEOUT_S": float(os.environ.get("PORTAL_WEBHOOK_TIMEOUT_S", "5")),
     "WEBHOOK_MAX_RETRIES": int(os.environ.get("PORTAL_WEBHOOK_MAX_RETRIES", "5")),
+    # Move plans: attempts per VM (the first plus retries after a failure), and the share of a
+    # host's memory the planner keeps free.
+    "PLAN_MAX_ATTEMPTS": int(os.environ.get("PORTAL_PLAN_MAX_ATTEMPTS", "2")),
+    "PLAN_HOST_HEADROOM": float(os.environ.get("PORTAL_PLAN_HOST_HEADROOM", "0.1")),
 }
 
 AUTH_PASSWORD_VALIDATORS = [

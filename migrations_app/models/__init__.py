@@ -10,6 +10,7 @@ from migrations_app.models.inventory import (
     VirtualMachine,
 )
 from migrations_app.models.notifications import NotificationDelivery, NotificationPreference, Webhook
+from migrations_app.models.plans import MovePlan, PlanItem
 from migrations_app.models.requests import MigrationRequest
 from migrations_app.models.runs import MigrationRun, RunEvent
 
@@ -22,6 +23,8 @@ __all__ = [
     "HypervisorConnection",
     "MigrationRequest",
     "MigrationRun",
+    "MovePlan",
+    "PlanItem",
     "Network",
     "NotificationDelivery",
     "NotificationPreference",

@@ -29,6 +29,7 @@ class MigrationRequest(models.Model):
     # run starts expires (``services.requests.migration_request_expire_stale``).
     start_after = models.DateTimeField(null=True, blank=True, help_text="Window start. Empty: as soon as approved.")
     window_end = models.DateTimeField(null=True, blank=True, help_text="Window end. Empty: no deadline.")
+    cold = models.BooleanField(default=False, help_text="Power off, move, power on (a move plan's fallback).")
     status = models.CharField(
         max_length=20, choices=RequestStatus.choices, default=RequestStatus.PENDING_APPROVAL, db_index=True
     )
@@ -51,7 +52,8 @@ class MigrationRequest(models.Model):
 
     @property
     def kind_label(self) -> str:
-        return {"compute": "compute", "storage": "storage", "both": "compute and storage"}[self.kind]
+        label = {"compute": "compute", "storage": "storage", "both": "compute and storage"}[self.kind]
+        return f"cold {label}" if self.cold else label
 
     @property
     def window_text(self) -> str:

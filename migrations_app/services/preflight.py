@@ -11,8 +11,11 @@ from migrations_app.models import Datastore, Host, VirtualMachine
 from migrations_app.services.errors import ActionRefused
 
 
-def check_move(vm: VirtualMachine, kind: str, target_host: Host | None, target_datastore: Datastore | None) -> None:
-    """Raise ActionRefused with the first reason the move is impossible; return when it is valid."""
+def check_move(vm: VirtualMachine, kind: str, target_host: Host | None, target_datastore: Datastore | None, *,
+               cold: bool = False) -> None:
+    """Raise ActionRefused with the first reason the move is impossible; return when it is valid.
+    A ``cold`` move (power off, move, power on: a move plan's fallback) needs a driver with
+    ``Capability.COLD_MOVE`` and no running VM; everything else is judged the same."""
     if kind not in MigrationKind.values:
         raise ActionRefused(f"unknown migration kind {kind!r}", field="kind")
     wants_host = kind in (MigrationKind.COMPUTE, MigrationKind.BOTH)
@@ -27,7 +30,9 @@ def check_move(vm: VirtualMachine, kind: str, target_host: Host | None, target_d
         raise ActionRefused("a compute move keeps the disks in place; do not choose a datastore", field="target_datastore")
     if not vm.present:
         raise ActionRefused(f"{vm.name} is no longer in the hypervisor's inventory", field="vm")
-    if vm.power_state != PowerState.ON:
+    if cold and not vm.connection.supports(Capability.COLD_MOVE):
+        raise ActionRefused(f"{vm.connection.name} cannot cold-move a VM")
+    if not cold and vm.power_state != PowerState.ON:
         raise ActionRefused(f"{vm.name} is {vm.get_power_state_display().lower()}; a live migration needs it running")
 
     host = vm.host
@@ -64,7 +69,7 @@ def check_move(vm: VirtualMachine, kind: str, target_host: Host | None, target_d
                 f"{vm.name} needs {moving / 1024**3:,.0f} GiB",
                 field="target_datastore",
             )
-    elif not vm.datastore_ids() <= seen and not vm.connection.supports(Capability.COMPUTE_COPIES_LOCAL_DISKS):
+    elif not vm.datastore_ids() <= seen and (cold or not vm.connection.supports(Capability.COMPUTE_COPIES_LOCAL_DISKS)):
         raise ActionRefused(
             f"{host.name} does not see {vm.name}'s datastore; choose a compute and storage move",
             field="target_host",

@@ -279,9 +279,17 @@ def migration_request_cancel(*, request: MigrationRequest, actor, reason: str = 
                 append_run_event(run, status=request.status, message="cancelled before it started")
             audit_record(actor=actor, action=AuditAction.REQUEST_CANCELLED, request=request, reason=reason, ip=ip)
             notifications.notify(request, N.CANCELLED, actor=actor, detail=reason)
+            _settle_plan_item_on_commit(request.pk)
         request.save(update_fields=["status", "updated_at"])
         notify_request_changed(request)
     return request
+
+
+def _settle_plan_item_on_commit(request_id: int) -> None:
+    """A move plan's item whose request ended: its plan records it (services.plans)."""
+    from migrations_app.services.plans import plan_request_settled
+
+    transaction.on_commit(lambda: plan_request_settled(request_id), robust=True)
 
 
 def migration_request_expire_stale(*, now: datetime | None = None) -> int:

@@ -36,6 +36,7 @@ from migrations_app.choices import (
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RunEvent, VirtualDisk
 from migrations_app.services.audit import audit_record
 from migrations_app.services.errors import ActionRefused
+from migrations_app.services.plans import plan_request_settled
 from migrations_app.services.requests import expire_locked, notify_request_changed, set_status
 
 log = logging.getLogger(__name__)
@@ -336,7 +337,7 @@ def _preflight_at_start(run: MigrationRun, driver: drv.Driver, spec: drv.Migrati
 
     request = run.request
     try:
-        check_move(request.vm, request.kind, request.target_host, request.target_datastore)
+        check_move(request.vm, request.kind, request.target_host, request.target_datastore, cold=request.cold)
     except ActionRefused as exc:
         return exc.message
     failed = [c.message for c in driver.preflight(spec) if not c.ok]
@@ -351,7 +352,8 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
 
     def target() -> None:
         try:
-            outcome.result = driver.migrate(spec, on_progress=updates.put, cancel=cancel)
+            move = driver.cold_move if run.request.cold else driver.migrate  # cold: a move plan's fallback
+            outcome.result = move(spec, on_progress=updates.put, cancel=cancel)
         except drv.DriverError as exc:
             outcome.error = exc
         except Exception as exc:  # noqa: BLE001 - any other error is the portal's bug: keep the traceback
@@ -562,6 +564,8 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
         # Its resources are free again: start what was waiting for them.
         connection_id = request.vm.connection_id
         transaction.on_commit(lambda: dispatch_admissible(connection_id), robust=True)
+        # A move plan's item: record it, retry a failure, finish the plan (services.plans).
+        transaction.on_commit(lambda: plan_request_settled(request.pk), robust=True)
     return True
 
 

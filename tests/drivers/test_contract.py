@@ -217,3 +217,41 @@ def test_a_running_task_aborted_by_id_from_elsewhere_ends_and_the_vm_stays(harne
     assert not worker.is_alive(), "the move did not stop after its task was aborted"
     assert info.state == TaskState.CANCELLED and isinstance(outcome.get("error"), MigrationCancelled), (info, outcome)
     assert harness.independent_placement(spec.vm_ref) == before
+def test_cold_move_is_declared_exactly_where_it_is_implemented(harness):
+    from drivers.base import Driver, Unsupported
+
+    if harness.driver.supports(Capability.COLD_MOVE):
+        assert type(harness.driver).cold_move is not Driver.cold_move
+        return
+    spec = harness.compute_spec()
+    before = harness.independent_placement(spec.vm_ref)
+    with pytest.raises(Unsupported):
+        harness.driver.cold_move(spec, on_progress=lambda u: None, cancel=threading.Event())
+    assert harness.independent_placement(spec.vm_ref) == before
+
+
+@required(Capability.COLD_MOVE)
+def test_cold_move_moves_host_and_disks_and_restores_the_power_state(harness):
+    from drivers.base import PowerState
+
+    spec = harness.both_spec()
+    updates: list[ProgressUpdate] = []
+    result = harness.driver.cold_move(spec, on_progress=updates.append, cancel=threading.Event())
+    after = harness.independent_placement(spec.vm_ref)
+    assert after.host_ref == spec.target_host_ref == result.placement.host_ref
+    assert set(after.disk_datastores.values()) == {spec.target_datastore_ref}
+    assert_progress_well_formed(updates)
+    inv = harness.driver.inventory()
+    assert next(v for v in inv.vms if v.ref == spec.vm_ref).power_state == PowerState.ON
+
+    # A powered-off VM (no live move possible) moves too, and stays off.
+    hosts = {h.ref: h for h in inv.hosts}
+    stores = {d.ref: d for d in inv.datastores}
+    off = next(v for v in inv.vms if v.power_state == PowerState.OFF)
+    target = next(h for h in inv.hosts if h.ref != off.host_ref and h.connected and not h.maintenance
+                  and hosts[off.host_ref].cluster_ref == h.cluster_ref
+                  and all(h.ref in stores[d].host_refs for d in off.datastore_refs))
+    harness.driver.cold_move(MigrationSpec(off.ref, target_host_ref=target.ref), on_progress=lambda u: None,
+                             cancel=threading.Event())
+    moved = next(v for v in harness.driver.inventory().vms if v.ref == off.ref)
+    assert moved.host_ref == target.ref and moved.power_state == PowerState.OFF

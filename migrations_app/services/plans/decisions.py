@@ -1,0 +1,156 @@
+"""The plan's decisions: fallbacks, submit, approve (one approved request per movable VM), reject,
+cancel, and expiry of plans nobody decided on."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from migrations_app import access
+from migrations_app.choices import TERMINAL, AuditAction, PlanFallback
+from migrations_app.models import MovePlan, PlanItem
+from migrations_app.services.errors import ActionRefused
+from migrations_app.services.plans._common import (
+    Item,
+    P,
+    audit_plan,
+    check_verdict,
+    lock_plan,
+    notify_plan_changed,
+    refusable,
+    set_plan_status,
+)
+from migrations_app.services.plans.build import fallback_choices
+from migrations_app.services.plans.execution import finish_if_done, start_attempt
+
+
+@refusable(AuditAction.PLAN_FALLBACK_SET)
+def move_plan_set_fallback(*, plan: MovePlan, actor, item: PlanItem, fallback: str, ip: str | None = None) -> PlanItem:
+    """The requester chooses what happens to a VM that cannot move live."""
+    with transaction.atomic():
+        plan = lock_plan(plan)
+        check_verdict(access.can_edit_plan(actor, plan))
+        item = PlanItem.objects.select_related("vm").get(pk=item.pk, plan=plan)
+        if item.movable:
+            raise ActionRefused(f"{item.vm.name} moves live; a fallback is only for VMs that cannot", field="fallback")
+        if fallback not in dict(fallback_choices(plan, item)):
+            raise ActionRefused(f"{fallback!r} is not a fallback this hypervisor offers", field="fallback")
+        old, item.fallback = item.fallback, fallback
+        item.save(update_fields=["fallback"])
+        audit_plan(plan, actor=actor, action=AuditAction.PLAN_FALLBACK_SET, ip=ip, vm_name=item.vm.name,
+               data={"item": item.pk, "from": old, "to": fallback})
+    return item
+
+
+@refusable(AuditAction.PLAN_SUBMITTED)
+def move_plan_submit(*, plan: MovePlan, actor, ip: str | None = None) -> MovePlan:
+    """The requester sends the reviewed plan to the approvers."""
+    with transaction.atomic():
+        plan = lock_plan(plan)
+        check_verdict(access.can_edit_plan(actor, plan))
+        if not plan.items.filter(movable=True).exists():
+            raise ActionRefused("nothing in this plan can move; there is nothing to approve", conflict=True)
+        set_plan_status(plan, P.PENDING_APPROVAL)
+        plan.save(update_fields=["status", "updated_at"])
+        audit_plan(plan, actor=actor, action=AuditAction.PLAN_SUBMITTED, reason=plan.reason, ip=ip)
+        notify_plan_changed(plan)
+    return plan
+
+
+@refusable(AuditAction.PLAN_APPROVED)
+def move_plan_approve(*, plan: MovePlan, actor, comment: str = "", ip: str | None = None) -> MovePlan:
+    """An approver approves the whole plan: every movable VM gets an approved, queued request (in
+    plan order); admission control decides how many run at once. VMs whose fallback is skip stay."""
+    with transaction.atomic():
+        plan = lock_plan(plan)
+        check_verdict(access.can_decide_plan(actor, plan))
+        set_plan_status(plan, P.APPROVED)
+        plan.decided_by, plan.decided_at, plan.decision_comment = actor, timezone.now(), (comment or "").strip()
+        plan.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
+        audit_plan(plan, actor=actor, action=AuditAction.PLAN_APPROVED, reason=plan.decision_comment, ip=ip)
+        set_plan_status(plan, P.RUNNING)
+        plan.save(update_fields=["status", "updated_at"])
+        audit_plan(plan, actor=None, action=AuditAction.PLAN_STARTED)
+        items = plan.items.select_related("vm", "source_host", "target_host__cluster", "target_datastore").order_by("order")
+        for item in items:
+            if item.movable or item.fallback == PlanFallback.COLD_MOVE:
+                start_attempt(plan, item, approver=actor, ip=ip)
+            else:  # fallback skip: it stays where it is, as the plan says
+                item.status = Item.SKIPPED
+                item.explanation = f"Stays on {item.source_host.name}: {item.blocker}."
+                item.save(update_fields=["status", "explanation"])
+        finish_if_done(plan)
+        notify_plan_changed(plan)
+    return plan
+
+
+@refusable(AuditAction.PLAN_REJECTED)
+def move_plan_reject(*, plan: MovePlan, actor, reason: str, ip: str | None = None) -> MovePlan:
+    reason = (reason or "").strip()
+    with transaction.atomic():
+        plan = lock_plan(plan)
+        check_verdict(access.can_decide_plan(actor, plan))
+        if not reason:
+            raise ActionRefused("a rejection needs a reason the requester can act on", field="reason")
+        set_plan_status(plan, P.REJECTED)
+        plan.decided_by, plan.decided_at, plan.decision_comment = actor, timezone.now(), reason
+        plan.finished_at = plan.decided_at
+        plan.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "finished_at",
+                                 "updated_at"])
+        plan.items.filter(status=Item.PLANNED).update(status=Item.CANCELLED)
+        audit_plan(plan, actor=actor, action=AuditAction.PLAN_REJECTED, reason=reason, ip=ip)
+        notify_plan_changed(plan)
+    return plan
+
+
+@refusable(AuditAction.PLAN_CANCELLED)
+def move_plan_cancel(*, plan: MovePlan, actor, reason: str = "", ip: str | None = None) -> MovePlan:
+    """Withdraw a plan before it runs; while it runs, cancel its open moves (a running one aborts on
+    the hypervisor) and finish the plan as cancelled once they ended. Moves already done stay done."""
+    from migrations_app.services.requests import migration_request_cancel
+
+    reason = (reason or "").strip()
+    with transaction.atomic():
+        plan = lock_plan(plan)
+        check_verdict(access.can_cancel_plan(actor, plan))
+        plan.items.filter(status=Item.PLANNED).update(status=Item.CANCELLED, explanation="Cancelled with the plan.")
+        audit_plan(plan, actor=actor, action=AuditAction.PLAN_CANCELLED, reason=reason, ip=ip)
+        if plan.status == P.RUNNING:
+            plan.cancel_requested_at = timezone.now()
+            plan.save(update_fields=["cancel_requested_at", "updated_at"])
+            for item in plan.items.filter(status=Item.MOVING).select_related("request"):
+                if item.request.status in TERMINAL:
+                    continue  # settled meanwhile; its own bookkeeping runs on commit
+                migration_request_cancel(request=item.request, actor=plan.requester,
+                                         reason=f"plan #{plan.pk} cancelled: {reason}".strip(": "), ip=ip)
+            finish_if_done(plan)
+        else:
+            set_plan_status(plan, P.CANCELLED)
+            plan.finished_at = timezone.now()
+            plan.save(update_fields=["status", "finished_at", "updated_at"])
+        notify_plan_changed(plan)
+    return plan
+
+
+def move_plan_expire_stale(*, now: datetime | None = None) -> int:
+    """Plans nobody decided on in time expire, as requests do. Returns how many."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(hours=settings.PORTAL["PENDING_EXPIRY_HOURS"])
+    count = 0
+    for pk in MovePlan.objects.filter(status=P.PENDING_APPROVAL, updated_at__lt=cutoff).values_list("pk", flat=True):
+        with transaction.atomic():
+            plan = MovePlan.objects.select_for_update().get(pk=pk)
+            if plan.status != P.PENDING_APPROVAL:
+                continue
+            set_plan_status(plan, P.EXPIRED)
+            plan.finished_at = now
+            plan.save(update_fields=["status", "finished_at", "updated_at"])
+            plan.items.filter(status=Item.PLANNED).update(status=Item.CANCELLED)
+            audit_plan(plan, actor=None, action=AuditAction.PLAN_EXPIRED,
+                   reason=f"no decision within {settings.PORTAL['PENDING_EXPIRY_HOURS']:g} hours")
+            notify_plan_changed(plan)
+            count += 1
+    return count
