@@ -171,6 +171,9 @@ PORTAL = {
     "LOGIN_LOCKOUT_S": int(os.environ.get("PORTAL_LOGIN_LOCKOUT_S", "900")),
     # Pending requests expire after this many hours without a decision.
     "PENDING_EXPIRY_HOURS": float(os.environ.get("PORTAL_PENDING_EXPIRY_HOURS", "72")),
+    # Off by default: when on, an admin may approve any stage of any request but their own, which
+    # completes every remaining stage; each such approval is audited as a bypass.
+    "ADMIN_BYPASS_APPROVAL": env_bool("PORTAL_ADMIN_BYPASS_APPROVAL", False),
 }
 
 AUTH_PASSWORD_VALIDATORS = [

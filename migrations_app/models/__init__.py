@@ -9,10 +9,12 @@ from migrations_app.models.inventory import (
     VirtualDisk,
     VirtualMachine,
 )
+from migrations_app.models.policy import ApprovalPolicy, PolicyRule, PolicyStage, RequestApproval
 from migrations_app.models.requests import MigrationRequest
 from migrations_app.models.runs import MigrationRun, RunEvent
 
 __all__ = [
+    "ApprovalPolicy",
     "AuditEntry",
     "Cluster",
     "Datacenter",
@@ -22,6 +24,9 @@ __all__ = [
     "MigrationRequest",
     "MigrationRun",
     "Network",
+    "PolicyRule",
+    "PolicyStage",
+    "RequestApproval",
     "RunEvent",
     "VirtualDisk",
     "VirtualMachine",

@@ -16,7 +16,7 @@ from migrations_app.services.runs import migration_run_execute
 from portal.asgi import application
 from tests.conftest import other_host_same_cluster, running_vm
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio, pytest.mark.usefixtures("review_everything")]
 
 
 def db(fn):
