@@ -18,7 +18,6 @@ from migrations_app.policy.document import to_document, validate
 from migrations_app.policy.rules import PolicySpec, RuleSpec, StageSpec
 from migrations_app.services.audit import audit_record
 
-
 # Stand-in signers where the "more than possible" check does not apply (no user ever has these ids).
 _ANYONE = frozenset(range(-100, 0))
 

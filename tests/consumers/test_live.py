@@ -162,7 +162,8 @@ async def test_a_request_subscription_reports_the_current_status(users, datacent
     comm, _, _ = await connect(users["alice"])
     await comm.send_json_to({"action": "subscribe", "stream": "request", "id": run.request_id})
     reply = await comm.receive_json_from()
-    assert reply == {"type": "subscribed", "stream": "request", "id": run.request_id, "status": "queued"}
+    assert reply == {"type": "subscribed", "stream": "request", "id": run.request_id, "status": "queued",
+                     "approvals": 1}  # one approver signed its one stage
     await comm.disconnect()
     comm, _, _ = await connect(users["mallory"])
     await comm.send_json_to({"action": "subscribe", "stream": "request", "id": run.request_id})
