@@ -103,6 +103,7 @@ def test_the_api_walks_the_stages_and_keeps_its_status_codes(world):
     assert post(users["alice"], "approve", {}).status_code == 403  # her own
     first = post(users["grace"], "approve", {"comment": "ok"})
     assert first.status_code == 200 and first.json()["status"] == "pending_approval"
+    assert first.json()["stage"] == {"current": 2, "of": 2}
     assert post(users["grace"], "approve", {}).status_code == 409  # signed this stage already
     erin = Group.objects.get(name="change-board")
     users["erin"].groups.add(erin)
