@@ -256,7 +256,7 @@ class ApprovalPolicyAdmin(AuditedAdmin):
 
 @admin.register(PolicyRule)
 class PolicyRuleAdmin(AuditedAdmin):
-    audit_fields = ("policy", "order", "name", "conditions", "action", "reject_reason")
+    audit_fields = ("policy", "order", "name", "conditions", "action", "reject_reason", "summary")
     list_display = ("policy", "order", "name", "action")
     list_filter = ("policy",)
     inlines = [PolicyStageInline]

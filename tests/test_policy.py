@@ -128,6 +128,13 @@ def test_without_a_policy_or_a_matching_rule_one_approver_is_needed_and_it_says_
     assert unmatched.fallback and unmatched.action == "stages" and "no rule of policy P matched" in unmatched.why
 
 
+@pytest.mark.parametrize("stages", [(), (StageSpec("nobody", ()),)], ids=["no stages", "a stage without groups"])
+def test_a_stages_rule_nobody_could_sign_falls_back_to_one_approver(stages):
+    decision = evaluate(policy(RuleSpec("broken", {}, "stages", stages=stages)), BASE)
+    assert decision.fallback and decision.stages == (StageSpec("Approval", ("approver",)),)
+    assert decision.rule == "broken" and "has no stage with approver groups" in decision.why
+
+
 def test_the_shipped_policy_routes_the_three_risk_classes():
     shipped = validate(DEFAULT_POLICY, members={"approver": {1, 2}})
     small = evaluate(shipped, BASE)

@@ -25,7 +25,8 @@ class ApprovalPolicy(models.Model):
     version = models.PositiveIntegerField(default=1, help_text="Raised by every change; frozen onto requests.")
     updated_at = models.DateTimeField(auto_now=True)
 
-    AUDITED_FIELDS = ("name", "description", "active", "version")
+    # What an audit entry records of an admin's change, the rules and their stages included.
+    AUDITED_FIELDS = ("name", "description", "active", "version", "rules_summary")
 
     class Meta:
         ordering = ["-active", "name"]
@@ -34,6 +35,10 @@ class ApprovalPolicy(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}{' (active)' if self.active else ''}"
+
+    @property
+    def rules_summary(self) -> list[dict]:
+        return [rule.summary for rule in self.rules.order_by("order")] if self.pk else []
 
     def clean(self):
         if self.active and ApprovalPolicy.objects.filter(active=True).exclude(pk=self.pk).exists():
@@ -57,6 +62,13 @@ class PolicyRule(models.Model):
 
     def __str__(self) -> str:
         return f"{self.order}. {self.name}"
+
+    @property
+    def summary(self) -> dict:
+        """The rule and its stages as plain data (for audit entries)."""
+        return {"order": self.order, "name": self.name, "conditions": self.conditions, "action": self.action,
+                "reject_reason": self.reject_reason,
+                "stages": [s.summary for s in self.stages.order_by("order")] if self.pk else []}
 
     def clean(self):
         from migrations_app.policy.document import condition_errors
@@ -84,6 +96,11 @@ class PolicyStage(models.Model):
 
     def __str__(self) -> str:
         return self.name or f"stage {self.order}"
+
+    @property
+    def summary(self) -> dict:
+        return {"order": self.order, "name": self.name, "groups": sorted(g.name for g in self.groups.all()),
+                "mode": self.mode, "count": self.count}
 
     def clean(self):
         if self.mode == ApprovalMode.N_DISTINCT and self.count < 1:

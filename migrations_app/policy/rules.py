@@ -204,6 +204,13 @@ def evaluate(policy: PolicySpec | None, facts: Facts) -> Decision:
         return Decision(RuleAction.STAGES, policy="", rule="", fallback=True, stages=FALLBACK_STAGES,
                         why="no active approval policy: one approver required (built-in fallback)")
     for rule in policy.rules:
+        if rule_matches(rule, facts) and rule.action == RuleAction.STAGES and not _usable(rule.stages):
+            # Only a policy edited in the admin can get here (imports refuse it): never a request
+            # that nobody may sign.
+            return Decision(RuleAction.STAGES, policy=policy.name, policy_version=policy.version, rule=rule.name,
+                            fallback=True, stages=FALLBACK_STAGES,
+                            why=f"rule {rule.name} of policy {policy.name} has no stage with approver groups: "
+                                "one approver required (built-in fallback)")
         if rule_matches(rule, facts):
             return Decision(rule.action, policy=policy.name, policy_version=policy.version, rule=rule.name,
                             why=explain(rule, facts), stages=rule.stages if rule.action == RuleAction.STAGES else (),
@@ -211,6 +218,10 @@ def evaluate(policy: PolicySpec | None, facts: Facts) -> Decision:
     return Decision(RuleAction.STAGES, policy=policy.name, policy_version=policy.version, rule="", fallback=True,
                     stages=FALLBACK_STAGES,
                     why=f"no rule of policy {policy.name} matched: one approver required (built-in fallback)")
+
+
+def _usable(stages: tuple[StageSpec, ...]) -> bool:
+    return bool(stages) and all(s.groups for s in stages)
 
 
 # -- stages --------------------------------------------------------------------------------------

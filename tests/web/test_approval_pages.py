@@ -173,3 +173,33 @@ def test_the_admin_pages_for_policies_and_rules_render(admin_client):
     assert admin_client.get(f"/admin/migrations_app/approvalpolicy/{policy.pk}/change/").status_code == 200
     rule = policy.rules.first()
     assert admin_client.get(f"/admin/migrations_app/policyrule/{rule.pk}/change/").status_code == 200
+
+
+def _rule_form(rule, stage, **changes):
+    data = {"policy": rule.policy_id, "order": rule.order, "name": rule.name, "conditions": "{}",
+            "action": "stages", "reject_reason": "",
+            "stages-TOTAL_FORMS": 1, "stages-INITIAL_FORMS": 1, "stages-MIN_NUM_FORMS": 0,
+            "stages-MAX_NUM_FORMS": 1000, "stages-0-id": stage.pk, "stages-0-rule": rule.pk, "stages-0-order": 1,
+            "stages-0-name": "Review", "stages-0-groups": [Group.objects.get(name="approver").pk],
+            "stages-0-mode": "any", "stages-0-count": 1}
+    data.update(changes)
+    return data
+
+
+def test_an_admin_edit_of_a_rule_is_audited_with_its_stages_and_raises_the_policy_version(admin_client):
+    policy = ApprovalPolicy.objects.get(active=True)
+    version = policy.version
+    rule = policy.rules.order_by("order").last()
+    stage = rule.stages.get()
+    url = f"/admin/migrations_app/policyrule/{rule.pk}/change/"
+    response = admin_client.post(url, _rule_form(rule, stage, **{"stages-0-mode": "n_distinct",
+                                                                 "stages-0-count": 2}))
+    assert response.status_code == 302
+    entry = AuditEntry.objects.filter(action="config.changed", object_type="policyrule").latest("id")
+    assert entry.before["summary"]["stages"][0]["mode"] == "any"
+    assert entry.after["summary"]["stages"][0] == {"order": 1, "name": "Review", "groups": ["approver"],
+                                                   "mode": "n_distinct", "count": 2}
+    policy.refresh_from_db()
+    assert policy.version == version + 1
+    refused = admin_client.post(url, _rule_form(rule, stage, conditions='{"size": 3}'))
+    assert refused.status_code == 200 and "conditions.size: unknown condition" in refused.content.decode()
