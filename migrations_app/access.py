@@ -89,13 +89,12 @@ def admin_bypass_enabled() -> bool:
 
 
 def stage_groups_of(user, stage) -> tuple[str, ...]:
-    """The stage's groups this user belongs to. A superuser holds every role group (as ``roles``
-    says), not the team groups. Only holders of the approver role sign stages."""
+    """The stage's groups this user is a member of, if they hold the approver role. Membership is
+    the real one: a superuser signs only for groups they belong to (else, like any admin, only
+    through the admin bypass), so the bypass being off means something for them too."""
     if not has_role(user, Role.APPROVER):
         return ()
     names = set(user.groups.values_list("name", flat=True))
-    if user.is_superuser:
-        names |= set(Role.values)
     return tuple(g for g in stage.groups if g in names)
 
 

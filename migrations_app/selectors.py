@@ -93,8 +93,6 @@ def current_approvers(request: MigrationRequest) -> list[User]:
         return []
     stage = request.stages[request.current_stage]
     reach = Q(groups__name__in=stage.groups)
-    if set(stage.groups) & set(Role.values):
-        reach |= Q(is_superuser=True)  # a superuser holds every role group
     if access.admin_bypass_enabled():
         reach |= Q(groups__name=Role.ADMIN) | Q(is_superuser=True)
     candidates = User.objects.filter(is_active=True).filter(reach).exclude(pk=request.requester_id).distinct()

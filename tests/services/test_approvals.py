@@ -327,15 +327,26 @@ def test_with_the_bypass_an_admins_approval_completes_every_stage_and_is_audited
 
 
 @pytest.mark.django_db
-def test_a_superuser_signs_role_group_stages_as_an_approver(datacenter, users):
+@pytest.mark.parametrize("bypass", [False, True], ids=["bypass-off", "bypass-on"])
+@pytest.mark.parametrize("in_group", [False, True], ids=["outside-the-group", "member-of-the-group"])
+def test_a_superuser_signs_only_as_a_member_of_the_stage_group_or_through_the_bypass(datacenter, users, settings,
+                                                                                     bypass, in_group):
+    settings.PORTAL = {**settings.PORTAL, "ADMIN_BYPASS_APPROVAL": bypass}
     install_policy(ONE_STAGE)
-    root = make_user("root")
+    root = make_user("root", *([Role.APPROVER] if in_group else []))
     root.is_superuser = True
     root.save()
     mr = submit(users["alice"], running_vm(datacenter))
+    if not (in_group or bypass):
+        with pytest.raises(ActionRefused, match="you are not in approver"):
+            svc.migration_request_approve(request=mr, actor=root)
+        assert root not in selectors.current_approvers(mr)
+        return
+    assert root in selectors.current_approvers(mr)
     svc.migration_request_approve(request=mr, actor=root)
     mr.refresh_from_db()
-    assert mr.status == S.QUEUED and not RequestApproval.objects.get(request=mr).bypass
+    assert mr.status == S.QUEUED
+    assert RequestApproval.objects.get(request=mr).bypass == (not in_group)
 
 
 # -- import, export, activation --------------------------------------------------------------------
