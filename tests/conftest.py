@@ -105,5 +105,10 @@ def review_everything(request):
     """The active policy makes every request wait for one approver (role ``approver``). Modules
     whose tests need pending requests of any VM use it; the shipped risk-based policy is tested in
     tests/test_policy.py and tests/services/test_approvals.py."""
+    if "browser" in request.fixturenames:
+        # Start Playwright first: the test's ORM calls all run inside its loop then, on the one
+        # connection that the end of the test closes (a connection opened before the loop starts
+        # would stay open and keep the test database from being dropped).
+        request.getfixturevalue("browser")
     request.getfixturevalue("transactional_db" if "transactional_db" in request.fixturenames else "db")
     return install_policy(REVIEW_EVERYTHING)
