@@ -215,8 +215,9 @@ def migration_request_approve(*, request: MigrationRequest, actor, comment: str 
             if request.current_stage >= len(stages):
                 _approve_locked(request, approver=actor, comment=comment, ip=ip, data=data)
             else:
+                signed_what = f"stage {index + 1} of {len(stages)}{f' ({stage.name})' if stage.name else ''}"
                 audit_record(actor=actor, action=AuditAction.REQUEST_STAGE_APPROVED, request=request,
-                             reason=comment, ip=ip, data=data)
+                             reason=f"{signed_what}: {comment}" if comment else signed_what, ip=ip, data=data)
         notify_request_changed(request)
     return request
 

@@ -156,6 +156,8 @@ def test_a_production_vm_needs_two_distinct_approvers(shipped, datacenter, users
                    .order_by("id"))
     assert actions == [AuditAction.REQUEST_SUBMITTED, AuditAction.REQUEST_STAGE_APPROVED,
                        AuditAction.REQUEST_APPROVED, AuditAction.RUN_QUEUED]
+    signed = AuditEntry.objects.get(request=mr, action=AuditAction.REQUEST_STAGE_APPROVED)
+    assert (signed.actor, signed.reason) == (users["erin"], "stage 1 of 2 (First review): looks fine")
     approved = AuditEntry.objects.get(request=mr, action=AuditAction.REQUEST_APPROVED, outcome="success")
     assert approved.data["rule"] == "Production VMs need two distinct approvers"
     assert (approved.data["stage"], approved.data["stages"]) == (2, 2)
