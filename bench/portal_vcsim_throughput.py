@@ -39,7 +39,7 @@ def main() -> None:
     from migrations_app.services import requests as svc
     from migrations_app.services.inventory import inventory_sync
     from migrations_app.services.runs import migration_run_execute
-    from tests.conftest import make_user
+    from tests.conftest import REVIEW_EVERYTHING, install_policy, make_user
 
     hosts_per_cluster = 4
     vms_per_host = max(1, -(-N // hosts_per_cluster))
@@ -52,6 +52,9 @@ def main() -> None:
         conn.set_password(parts.password)
         conn.save()
         inventory_sync(connection=conn)
+        # Every move waits for one approver, so the portal path measures submit and approve (the
+        # shipped policy would approve vcsim's small VMs at submission).
+        install_policy(REVIEW_EVERYTHING)
         requester = make_user("bench-requester", Role.ADMIN)
         approver = make_user("bench-approver", Role.APPROVER)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django.conf import settings
+
 from migrations_app.choices import (
     AWAITING_DECISION,
     CANCELABLE,
@@ -28,6 +30,7 @@ class Verdict:
     allowed: bool
     reason: str = ""
     conflict: bool = False  # refused because of the object's state, not the user's rights
+    bypass: bool = False  # allowed only through the admin bypass of approval stages
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -88,8 +91,51 @@ def can_view_request(user, request) -> Verdict:
     return deny("you may not see this request")
 
 
+def admin_bypass_enabled() -> bool:
+    """PORTAL["ADMIN_BYPASS_APPROVAL"] (default off): an admin's approval completes every stage."""
+    return bool(settings.PORTAL.get("ADMIN_BYPASS_APPROVAL", False))
+
+
+def stage_groups_of(user, stage) -> tuple[str, ...]:
+    """The stage's groups this user is a member of, if they hold the approver role. Membership is
+    the real one: a superuser signs only for groups they belong to (else, like any admin, only
+    through the admin bypass), so the bypass being off means something for them too."""
+    if not has_role(user, Role.APPROVER):
+        return ()
+    names = set(user.groups.values_list("name", flat=True))
+    return tuple(g for g in stage.groups if g in names)
+
+
+def _stage_verdict(user, request) -> Verdict:
+    """May this approver sign the request's current stage now? (Own request and state checked before.)"""
+    from migrations_app.policy.rules import Approval, approval_helps
+
+    stages = request.stages
+    number, total = request.current_stage + 1, len(stages)
+    stage = stages[request.current_stage]
+    mine = stage_groups_of(user, stage)
+    if not mine:
+        return deny(f"stage {number} of {total} waits for {stage.describe()}; you are not in "
+                    f"{' or '.join(stage.groups)}")
+    signed = list(request.approvals.all())
+    earlier = sorted(a.stage for a in signed if a.approver_id == user.pk and a.stage < request.current_stage)
+    if earlier:
+        return deny(f"you signed stage {earlier[0] + 1}; stage {number} needs someone else")
+    current = [Approval(a.approver_id, tuple(a.groups)) for a in signed if a.stage == request.current_stage]
+    if any(a.approver_id == user.pk for a in current):
+        return deny(f"you already approved stage {number}", conflict=True)
+    if not approval_helps(stage, current, Approval(user.pk, mine)):
+        return deny(f"stage {number} already has an approver from {', '.join(mine)}; it waits for "
+                    f"{stage.describe()}", conflict=True)
+    return ALLOW
+
+
 def can_decide(user, request) -> Verdict:
-    """Approve or reject. The requester never decides on their own request, whatever their roles."""
+    """Approve or reject the request's current stage. Whoever may approve the stage now may also
+    reject the request. The requester never decides on their own request, whatever their roles
+    (superuser and admin bypass included). A member of the stage's groups who holds the approver
+    role may sign, once per stage, and never a later stage after signing an earlier one. An admin
+    may act on any stage only when PORTAL["ADMIN_BYPASS_APPROVAL"] is on (``Verdict.bypass``)."""
     if not has_role(user, Role.APPROVER, Role.ADMIN):
         return deny("only approvers can approve or reject requests")
     if request.requester_id == user.pk:
@@ -98,7 +144,10 @@ def can_decide(user, request) -> Verdict:
         return deny(f"this request is already {request.get_status_display().lower()}", conflict=True)
     if closed := window_closed(request):  # too late to decide: the services expire it
         return deny(closed, conflict=True)
-    return ALLOW
+    verdict = _stage_verdict(user, request)
+    if not verdict and has_role(user, Role.ADMIN) and admin_bypass_enabled():
+        return Verdict(True, "admin bypass of the approval stages", bypass=True)
+    return verdict
 
 
 def can_cancel(user, request) -> Verdict:

@@ -10,10 +10,15 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group, User
+from django.db.models import F
+from django.http import HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import path
 
 from drivers.base import DriverError
 from migrations_app.choices import NotificationCategory
 from migrations_app.models import (
+    ApprovalPolicy,
     AuditEntry,
     Cluster,
     Datacenter,
@@ -24,11 +29,15 @@ from migrations_app.models import (
     MigrationRun,
     Network,
     NotificationDelivery,
+    PolicyRule,
+    PolicyStage,
     VirtualMachine,
     Webhook,
 )
+from migrations_app.policy.document import PolicyDocumentError, dumps, loads
 from migrations_app.services.audit import audit_config_change, config_delete, snapshot
 from migrations_app.services.inventory import driver_for, inventory_sync
+from migrations_app.services.policies import approval_policy_activate, approval_policy_export, approval_policy_import
 
 
 class HypervisorConnectionForm(forms.ModelForm):
@@ -186,6 +195,118 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     list_display = ("id", "created_at", "actor_name", "action", "outcome", "vm_name", "ip")
     list_filter = ("action", "outcome")
     search_fields = ("actor_name", "vm_name", "reason")
+
+
+# -- approval policies -------------------------------------------------------------------------
+
+
+class PolicyRuleInline(admin.TabularInline):
+    model = PolicyRule
+    extra = 0
+    fields = ("order", "name", "conditions", "action", "reject_reason")
+    show_change_link = True  # the rule's own page edits its stages
+
+
+class PolicyStageInline(admin.TabularInline):
+    model = PolicyStage
+    extra = 0
+    fields = ("order", "name", "groups", "mode", "count")
+
+
+class PolicyImportForm(forms.Form):
+    file = forms.FileField(help_text="A policy document, .yaml/.yml or .json (as exported).")
+    activate = forms.BooleanField(required=False, help_text="Make it the active policy.")
+
+
+@admin.register(ApprovalPolicy)
+class ApprovalPolicyAdmin(AuditedAdmin):
+    """Rules inline (each rule's page edits its stages); import, export and activation go through
+    the policy services. Every change raises the policy's version; requests in flight keep the
+    stages frozen at their submission."""
+
+    audit_fields = ApprovalPolicy.AUDITED_FIELDS
+    list_display = ("name", "active", "version", "updated_at")
+    fields = ("name", "description", "active", "version")
+    readonly_fields = ("version",)
+    inlines = [PolicyRuleInline]
+    actions = ["activate", "export_yaml", "export_json"]
+    change_list_template = "admin/migrations_app/approvalpolicy/change_list.html"
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            obj.version = F("version") + 1
+        super().save_model(request, obj, form, change)
+        obj.refresh_from_db(fields=["version"])
+
+    def get_urls(self):
+        return [path("import/", self.admin_site.admin_view(self.import_view), name="approvalpolicy_import"),
+                *super().get_urls()]
+
+    def import_view(self, request):
+        """Upload a YAML or JSON document; every error is listed with its path, and nothing changes."""
+        if not self.has_add_permission(request):
+            return redirect("admin:index")
+        form = PolicyImportForm(request.POST or None, request.FILES or None)
+        errors: list[str] = []
+        if request.method == "POST" and form.is_valid():
+            upload = form.cleaned_data["file"]
+            try:
+                text = upload.read().decode("utf-8")
+                policy = approval_policy_import(actor=request.user, document=loads(text, upload.name),
+                                                activate=form.cleaned_data["activate"],
+                                                ip=request.META.get("REMOTE_ADDR"))
+            except UnicodeDecodeError:
+                errors = ["(document): not UTF-8 text"]
+            except PolicyDocumentError as exc:
+                errors = exc.errors
+            else:
+                messages.success(request, f"Imported {policy.name} v{policy.version}"
+                                          f"{' (active)' if policy.active else ''}.")
+                return redirect("admin:migrations_app_approvalpolicy_changelist")
+        return render(request, "admin/migrations_app/approvalpolicy/import.html", {
+            **self.admin_site.each_context(request), "form": form, "errors": errors, "opts": self.model._meta,
+            "title": "Import an approval policy",
+        })
+
+    @admin.action(description="Activate (the one active policy)")
+    def activate(self, request, queryset):
+        if queryset.count() != 1:
+            messages.error(request, "Choose exactly one policy to activate.")
+            return
+        policy = approval_policy_activate(actor=request.user, policy=queryset.get(),
+                                          ip=request.META.get("REMOTE_ADDR"))
+        messages.success(request, f"{policy.name} is now the active policy.")
+
+    def _export(self, request, queryset, suffix: str):
+        if queryset.count() != 1:
+            messages.error(request, "Choose exactly one policy to export.")
+            return None
+        policy = queryset.get()
+        filename = f"{policy.name.lower().replace(' ', '-')}.{suffix}"
+        response = HttpResponse(dumps(approval_policy_export(policy=policy), filename),
+                                content_type="application/json" if suffix == "json" else "application/yaml")
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
+
+    @admin.action(description="Export as YAML")
+    def export_yaml(self, request, queryset):
+        return self._export(request, queryset, "yaml")
+
+    @admin.action(description="Export as JSON")
+    def export_json(self, request, queryset):
+        return self._export(request, queryset, "json")
+
+
+@admin.register(PolicyRule)
+class PolicyRuleAdmin(AuditedAdmin):
+    audit_fields = ("policy", "order", "name", "conditions", "action", "reject_reason", "summary")
+    list_display = ("policy", "order", "name", "action")
+    list_filter = ("policy",)
+    inlines = [PolicyStageInline]
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        ApprovalPolicy.objects.filter(pk=form.instance.policy_id).update(version=F("version") + 1)
 
 
 # Roles are groups: who may approve or audit is configuration, and changes to it are audited too.

@@ -143,6 +143,12 @@ class AuditAction(models.TextChoices):
     PLAN_FINISHED = "plan.finished", "Move plan finished"
     PLAN_EXPIRED = "plan.expired", "Move plan expired"
 
+    REQUEST_STAGE_APPROVED = "request.stage_approved", "Approval stage signed"
+    REQUEST_AUTO_REJECTED = "request.auto_rejected", "Request rejected by policy"
+    REQUEST_BYPASS_APPROVED = "request.bypass_approved", "Request approved by admin bypass"
+    POLICY_IMPORTED = "policy.imported", "Approval policy imported"
+    POLICY_ACTIVATED = "policy.activated", "Approval policy activated"
+
 
 class NotificationCategory(models.TextChoices):
     """What a notification is about; each user can mute any of them (the preferences page)."""
@@ -161,6 +167,27 @@ class DeliveryStatus(models.TextChoices):
     SENT = "sent", "Sent"
     FAILED = "failed", "Failed"  # gave up after the last retry; last_error says why
     SKIPPED = "skipped", "Skipped"  # nowhere to send it (a user without an e-mail address)
+
+
+class RuleAction(models.TextChoices):
+    """What an approval-policy rule decides for the requests it matches."""
+
+    AUTO_APPROVE = "auto_approve", "Approve automatically"
+    AUTO_REJECT = "auto_reject", "Reject automatically, with a reason"
+    STAGES = "stages", "Require ordered approval stages"
+
+
+class ApprovalMode(models.TextChoices):
+    """How many approvals complete one stage.
+
+    ``any``: one approver from any of the stage's groups. ``n_distinct``: ``count`` different people,
+    each in one of the stage's groups. ``all``: one approver from each named group, every one a
+    different person (a person in two of the groups stands for only one of them).
+    """
+
+    ANY = "any", "Any one approver"
+    N_DISTINCT = "n_distinct", "N distinct approvers"
+    ALL = "all", "One approver from each group"
 
 
 class AuditOutcome(models.TextChoices):

@@ -74,14 +74,15 @@ class LiveConsumer(AsyncWebsocketConsumer):
             if not isinstance(request_id, int) or isinstance(request_id, bool):
                 await self._error("a request subscription needs an integer id")
                 return
-            status = await self._request_status(request_id)
-            if status is None:
+            state = await self._request_state(request_id)
+            if state is None:
                 await self._refuse("no such request, or you may not watch it", stream=stream, id=request_id)
                 return
             await self._join(events.request_group(request_id), "request", request_id)
-            # The status as of now, read after joining: a page rendered earlier compares and catches up.
-            status = await self._request_status(request_id)
-            await self._send({"type": "subscribed", "stream": stream, "id": request_id, "status": status})
+            # The state as of now, read after joining: a page rendered earlier compares and catches up.
+            state = await self._request_state(request_id) or state
+            await self._send({"type": "subscribed", "stream": stream, "id": request_id, "status": state["status"],
+                              "approvals": state["approvals"]})
         elif stream == "plan":
             await self._subscribe_plan(msg)
         elif stream == "my-requests":
@@ -143,12 +144,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
         return True, [events.run_event_payload(e) for e in run_events_after(run, after)]
 
     @database_sync_to_async
-    def _request_status(self, request_id: int) -> str | None:
-        """The request's status, or None when it is absent or not this user's to watch."""
+    def _request_state(self, request_id: int) -> dict | None:
+        """The request's status and stage signatures (as ``request.changed`` carries them), or None
+        when it is absent or not this user's to watch."""
         request = MigrationRequest.objects.select_related("vm").filter(pk=request_id).first()
         if request is None or not access.can_view_request(self.scope["user"], request):
             return None
-        return request.status
+        return events.request_changed_payload(request)
 
     async def _join(self, group: str, stream: str = "", obj_id: int | None = None) -> None:
         if group not in self.groups_joined:

@@ -63,7 +63,10 @@ def run_event_payload(event) -> dict:
 
 
 def request_changed_payload(request) -> dict:
-    return {"type": "request.changed", "id": request.pk, "seq": 0, "status": request.status}
+    """``approvals`` counts the stage signatures: a signature that leaves the request pending
+    still changes what its pages show."""
+    return {"type": "request.changed", "id": request.pk, "seq": 0, "status": request.status,
+            "approvals": request.approvals.count() if request.pk else 0}
 
 
 def emit(group: str, payload: dict) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from django.contrib.auth.models import User
 from django.db.models import Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from drivers.base import Capability
 from migrations_app import access
-from migrations_app.choices import OPEN, TERMINAL, RequestStatus, Role
+from migrations_app.choices import AWAITING_DECISION, OPEN, TERMINAL, RequestStatus, Role
+from migrations_app.estimates import Estimate, estimate
 from migrations_app.models import (
     AuditEntry,
     Datastore,
@@ -20,6 +22,7 @@ from migrations_app.models import (
     VirtualDisk,
     VirtualMachine,
 )
+from migrations_app.policy.rules import Approval, StageSpec, stage_progress
 
 
 def as_id(value: str) -> int | None:
@@ -67,31 +70,79 @@ def my_requests(user) -> QuerySet[MigrationRequest]:
     return visible_requests(user).filter(requester=user)
 
 
-def approval_queue(user) -> QuerySet[MigrationRequest]:
-    """Requests waiting for a decision that this user may take (never their own, never one whose
-    window has closed: the expiry pass ends those)."""
+def approval_queue(user, *, mine_only: bool = False) -> list[MigrationRequest]:
+    """Requests waiting for a decision (never the user's own, never one whose
+    window has closed: the expiry pass ends those). ``mine_only``: only those whose
+    current stage this user may sign now ("Pending for me")."""
     if not access.can_watch_approvals(user):
-        return MigrationRequest.objects.none()
-    return (
+        return []
+    queue = (
         visible_requests(user)
         .filter(status=RequestStatus.PENDING_APPROVAL)
         .exclude(requester=user)
         .exclude(window_end__lte=timezone.now())
+        .select_related("vm__owner_group", "vm__host__cluster")
+        .prefetch_related("approvals__approver")
         .order_by("created_at", "id")
     )
+    return [r for r in queue if access.can_decide(user, r)] if mine_only else list(queue)
 
 
-def current_approvers(request: MigrationRequest) -> list:
-    """Who can decide on this request now: active users with the approver role, never its requester.
-    Notifications of a waiting approval go to exactly these people."""
-    from django.contrib.auth.models import User
+def current_approvers(request: MigrationRequest) -> list[User]:
+    """The users who may act on the request's current stage now (``access.can_decide`` says yes
+    for each): members of the stage's groups holding the approver role, minus the requester and
+    anyone who already signed this request; admins too while the admin bypass is on."""
+    if request.status not in AWAITING_DECISION:
+        return []
+    stage = request.stages[request.current_stage]
+    reach = Q(groups__name__in=stage.groups)
+    if access.admin_bypass_enabled():
+        reach |= Q(groups__name=Role.ADMIN) | Q(is_superuser=True)
+    candidates = User.objects.filter(is_active=True).filter(reach).exclude(pk=request.requester_id).distinct()
+    return [u for u in candidates.order_by("username") if access.can_decide(u, request)]
 
-    return list(
-        User.objects.filter(is_active=True, groups__name=Role.APPROVER.value)
-        .exclude(pk=request.requester_id)
-        .distinct()
-        .order_by("pk")
-    )
+
+@dataclass(frozen=True)
+class StageView:
+    """One stage of a request as the approval card and the request page show it."""
+
+    number: int
+    total: int
+    spec: StageSpec
+    state: str  # "done", "current", "waiting" (a later stage), "skipped" (bypassed or decided before it)
+    signed: tuple[str, ...]  # who approved this stage
+    progress: int
+
+    @property
+    def summary(self) -> str:
+        """E.g. "Stage 2 of 2: two distinct approvers from change-board (1 of 2: bob)"."""
+        who = f": {', '.join(self.signed)}" if self.signed else ""
+        return (f"Stage {self.number} of {self.total}{' (' + self.spec.name + ')' if self.spec.name else ''}: "
+                f"{self.spec.describe()} ({self.progress} of {self.spec.needed}{who})")
+
+
+def approval_stages(request: MigrationRequest) -> list[StageView]:
+    """The request's frozen stages with who signed each; empty when the policy decided alone."""
+    stages = request.stages
+    rows = list(request.approvals.all())
+    out = []
+    for i, stage in enumerate(stages):
+        signed = [a for a in rows if a.stage == i]
+        progress = stage_progress(stage, [Approval(a.approver_id, tuple(a.groups)) for a in signed])
+        if i < request.current_stage:
+            state = "done" if progress >= stage.needed else "skipped"
+        elif i == request.current_stage and request.status in AWAITING_DECISION:
+            state = "current"
+        else:
+            state = "waiting" if request.status in AWAITING_DECISION else "skipped"
+        names = tuple(a.approver.username + (" (admin bypass)" if a.bypass else "") for a in signed)
+        out.append(StageView(i + 1, len(stages), stage, state, names, progress))
+    return out
+
+
+def request_estimate(request: MigrationRequest) -> Estimate:
+    """The same estimate the policy's conditions saw (``migrations_app.estimates``)."""
+    return estimate(memory_bytes=request.vm.memory_bytes, disk_bytes=request.vm.disk_bytes, kind=request.kind)
 
 
 def conflicting_requests(request: MigrationRequest) -> list[MigrationRequest]:

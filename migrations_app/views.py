@@ -23,6 +23,7 @@ from migrations_app.services import requests as request_services
 from migrations_app.services.audit import audit_denied, audit_last_verdict, audit_verify_and_record
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.notifications import notification_preferences_set
+from migrations_app.services.preflight import check_move
 
 
 def client_ip(request) -> str | None:
@@ -148,16 +149,34 @@ def my_requests(request):
 @login_required
 @require_GET
 def approvals(request):
+    """The approval queue. "Pending for me" (the default for approvers) shows only what this user
+    may sign now; "All pending" shows every open request with the stage it waits at."""
     verdict = access.can_watch_approvals(request.user)
     if not verdict:
         _deny(request, verdict)
-    queue = list(selectors.approval_queue(request.user))
+    default = "mine" if access.has_role(request.user, Role.APPROVER) else "all"
+    scope = request.GET.get("scope", default)
+    scope = scope if scope in ("mine", "all") else default
+    queue = selectors.approval_queue(request.user, mine_only=scope == "mine")
     for item in queue:  # what an approver weighs, beside the request itself
         item.conflicts = selectors.conflicting_requests(item)
         item.recent = selectors.recent_migrations(item.vm)
+        item.estimate = selectors.request_estimate(item)
+        item.stage_views = selectors.approval_stages(item)
+        item.can_decide = access.can_decide(request.user, item)
+        item.preflight = _preflight_now(item)
     template = "migrations_app/_approval_cards.html" if request.htmx else "migrations_app/approvals.html"
-    return render(request, template, {"queue": queue, "reject_form": RejectForm(),
+    return render(request, template, {"queue": queue, "reject_form": RejectForm(), "scope": scope,
                                       "plan_queue": selectors.plan_approval_queue(request.user)})
+
+
+def _preflight_now(mr: MigrationRequest) -> str:
+    """The pre-flight checks run again as the approver looks: "" when the move is still valid."""
+    try:
+        check_move(mr.vm, mr.kind, mr.target_host, mr.target_datastore)
+    except ActionRefused as exc:
+        return exc.message
+    return ""
 
 
 def _visible_request(request, pk: int) -> MigrationRequest:
@@ -176,6 +195,9 @@ def _detail_context(request, mr: MigrationRequest) -> dict:
         "run": run,
         "recent_events": selectors.recent_run_events(run) if run else [],
         "can_decide": access.can_decide(request.user, mr),
+        "stage_views": selectors.approval_stages(mr),
+        "estimate": selectors.request_estimate(mr),
+        "approvals_count": mr.approvals.count(),
         "can_cancel": access.can_cancel(request.user, mr),
         "window_closed": windows.window_closed(mr) if mr.status in request_services.EXPIRABLE else "",
         "expired_because": mr.audit.filter(action=AuditAction.REQUEST_EXPIRED).values_list("reason", flat=True).last()

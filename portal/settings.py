@@ -193,6 +193,9 @@ PORTAL = {
     # host's memory the planner keeps free.
     "PLAN_MAX_ATTEMPTS": int(os.environ.get("PORTAL_PLAN_MAX_ATTEMPTS", "2")),
     "PLAN_HOST_HEADROOM": float(os.environ.get("PORTAL_PLAN_HOST_HEADROOM", "0.1")),
+    # Off by default: when on, an admin may approve any stage of any request but their own, which
+    # completes every remaining stage; each such approval is audited as a bypass.
+    "ADMIN_BYPASS_APPROVAL": env_bool("PORTAL_ADMIN_BYPASS_APPROVAL", False),
 }
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -80,3 +80,35 @@ def other_cluster_host(vm):
     from migrations_app.models import Host
 
     return Host.objects.filter(connection=vm.connection).exclude(cluster=vm.host.cluster).first()
+
+
+REVIEW_EVERYTHING = {
+    "name": "Review everything (tests)",
+    "description": "One approver for every request: the behaviour the tests written before policies assume.",
+    "rules": [{"name": "Every request needs one approver", "when": {}, "action": "stages",
+               "stages": [{"name": "Review", "groups": ["approver"], "mode": "any"}]}],
+}
+
+
+def install_policy(document: dict):
+    """Install and activate a policy document as the active policy (through the import service)."""
+    from migrations_app.services.policies import approval_policy_import
+
+    for role in Role:
+        Group.objects.get_or_create(name=role.value)
+    # Fixtures install the policy before the users exist: the groups' signers are not counted.
+    return approval_policy_import(actor=None, document=document, activate=True, require_signers=False)
+
+
+@pytest.fixture
+def review_everything(request):
+    """The active policy makes every request wait for one approver (role ``approver``). Modules
+    whose tests need pending requests of any VM use it; the shipped risk-based policy is tested in
+    tests/test_policy.py and tests/services/test_approvals.py."""
+    if "browser" in request.fixturenames:
+        # Start Playwright first: the test's ORM calls all run inside its loop then, on the one
+        # connection that the end of the test closes (a connection opened before the loop starts
+        # would stay open and keep the test database from being dropped).
+        request.getfixturevalue("browser")
+    request.getfixturevalue("transactional_db" if "transactional_db" in request.fixturenames else "db")
+    return install_policy(REVIEW_EVERYTHING)

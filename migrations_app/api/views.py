@@ -73,6 +73,8 @@ def request_json(mr: MigrationRequest) -> dict:
         "window_end": mr.window_end.isoformat() if mr.window_end else None,
         "decided_by": mr.decided_by.username if mr.decided_by_id else None,
         "decision_comment": mr.decision_comment,
+        "policy_note": mr.policy_note,
+        "stage": {"current": mr.current_stage + 1, "of": len(mr.stages)} if mr.status == "pending_approval" else None,
         "run": None if run is None else {
             "id": run.pk, "phase": run.phase, "percent": run.percent, "task_id": run.task_id,
             "last_seq": run.last_seq, "explanation": run.explanation,

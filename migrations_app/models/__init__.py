@@ -11,10 +11,12 @@ from migrations_app.models.inventory import (
 )
 from migrations_app.models.notifications import NotificationDelivery, NotificationPreference, Webhook
 from migrations_app.models.plans import MovePlan, PlanItem
+from migrations_app.models.policy import ApprovalPolicy, PolicyRule, PolicyStage, RequestApproval
 from migrations_app.models.requests import MigrationRequest
 from migrations_app.models.runs import MigrationRun, RunEvent
 
 __all__ = [
+    "ApprovalPolicy",
     "AuditEntry",
     "Cluster",
     "Datacenter",
@@ -28,6 +30,9 @@ __all__ = [
     "Network",
     "NotificationDelivery",
     "NotificationPreference",
+    "PolicyRule",
+    "PolicyStage",
+    "RequestApproval",
     "RunEvent",
     "VirtualDisk",
     "VirtualMachine",

@@ -40,6 +40,9 @@ class MigrationRequest(models.Model):
     decided_at = models.DateTimeField(null=True, blank=True)
     decision_comment = models.TextField(blank=True)
     policy_note = models.CharField(max_length=300, blank=True, help_text="Why the policy decided as it did.")
+    # Frozen at submission: policy name and version, rule, why it matched, and the stages to sign.
+    approval_plan = models.JSONField(default=dict, blank=True)
+    current_stage = models.PositiveIntegerField(default=0, help_text="Index of the stage waiting for signatures.")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -49,6 +52,16 @@ class MigrationRequest(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.get_kind_display().split(' (')[0]} of {self.vm.name}"
+
+    @property
+    def stages(self):
+        """The frozen stages (``policy.rules.StageSpec``) of this request's approval plan."""
+        from migrations_app.policy.rules import FALLBACK_STAGES, StageSpec
+
+        plan = self.approval_plan or {}
+        if "stages" not in plan:  # submitted before approval policies existed: one approver
+            return list(FALLBACK_STAGES)
+        return [StageSpec.from_dict(s) for s in plan["stages"]]
 
     @property
     def kind_label(self) -> str:

@@ -9,12 +9,15 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from migrations_app import access, events, notifications, policy, windows
-from migrations_app.choices import AuditAction, MigrationKind, NotificationCategory, RequestStatus
-from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
+from migrations_app import access, events, notifications, windows
+from migrations_app.choices import AuditAction, MigrationKind, NotificationCategory, RequestStatus, RuleAction
+from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RequestApproval, VirtualMachine
+from migrations_app.policy.facts import facts_for
+from migrations_app.policy.rules import Approval, Decision, evaluate, stage_complete
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_denied, audit_record
 from migrations_app.services.errors import ActionRefused
+from migrations_app.services.policies import active_policy
 from migrations_app.services.preflight import check_move
 
 S = RequestStatus
@@ -86,7 +89,8 @@ def migration_request_submit(
     ip: str | None = None,
 ) -> MigrationRequest:
     """A VM owner asks for a live migration, as soon as approved or within a change window
-    (``start_after`` .. ``window_end``; see ``migrations_app.windows``). The policy may approve it at once."""
+    (``start_after`` .. ``window_end``; see ``migrations_app.windows``). The active approval policy
+    decides at once: approve, reject with its reason, or freeze the matched rule's stages onto the request."""
     verdict = access.can_request_migration(requester, vm)
     if not verdict:
         audit_denied(actor=requester, action=AuditAction.REQUEST_SUBMITTED, reason=verdict.reason, ip=ip,
@@ -122,9 +126,10 @@ def migration_request_submit(
             window_end=window_end,
             source_placement=vm.placement_snapshot(),
         )
-        decision = policy.evaluate(request)
+        decision = evaluate(active_policy(), facts_for(request))
         request.policy_note = decision.note
-        request.save(update_fields=["policy_note"])
+        request.approval_plan = decision.snapshot()
+        request.save(update_fields=["policy_note", "approval_plan"])
         audit_record(
             actor=requester,
             action=AuditAction.REQUEST_SUBMITTED,
@@ -134,15 +139,39 @@ def migration_request_submit(
             before=request.source_placement,
             after=_target_snapshot(request),
             data={"kind": kind, "start_after": start_after.isoformat() if start_after else None,
-                  "window_end": window_end.isoformat() if window_end else None, "policy": decision.note},
+                  "window_end": window_end.isoformat() if window_end else None, "policy": _policy_data(decision)},
         )
-        if decision.auto_approve:
+        if decision.action == RuleAction.AUTO_APPROVE:
             _approve_locked(request, approver=None, comment=decision.note, ip=None,
-                            action=AuditAction.REQUEST_AUTO_APPROVED)
+                            action=AuditAction.REQUEST_AUTO_APPROVED, data={"policy": _policy_data(decision)})
+        elif decision.action == RuleAction.AUTO_REJECT:
+            set_status(request, S.REJECTED)
+            request.decided_at = timezone.now()
+            request.decision_comment = decision.reject_reason
+            request.save(update_fields=["status", "decided_at", "decision_comment", "updated_at"])
+            audit_record(actor=None, action=AuditAction.REQUEST_AUTO_REJECTED, request=request,
+                         reason=decision.reject_reason, data={"policy": _policy_data(decision)})
+            notifications.notify(request, N.DECISION, occasion="rejected", detail=decision.reject_reason)
         else:
-            notifications.notify(request, N.APPROVAL_WAITING)
+            notifications.notify(request, N.APPROVAL_WAITING, occasion=_stage_occasion(request))
         notify_request_changed(request)
     return request
+
+
+def _policy_data(decision: Decision) -> dict:
+    """What an audit entry records of the policy's decision: which policy and rule, and why."""
+    return {"policy": decision.policy, "version": decision.policy_version, "rule": decision.rule,
+            "why": decision.why, "action": str(decision.action), "fallback": decision.fallback}
+
+
+def _plan_data(request: MigrationRequest) -> dict:
+    plan = request.approval_plan or {}
+    return {key: plan.get(key) for key in ("policy", "policy_version", "rule", "why", "fallback")}
+
+
+def _stage_occasion(request: MigrationRequest) -> str:
+    """Approvers are told once per stage that opens (a delivery per recipient and occasion)."""
+    return f"stage-{request.current_stage + 1}"
 
 
 def _target_snapshot(request: MigrationRequest) -> dict:
@@ -155,7 +184,7 @@ def _target_snapshot(request: MigrationRequest) -> dict:
 
 
 def _approve_locked(request: MigrationRequest, *, approver, comment: str, ip: str | None,
-                    action: AuditAction = AuditAction.REQUEST_APPROVED) -> None:
+                    action: AuditAction = AuditAction.REQUEST_APPROVED, data: dict | None = None) -> None:
     from migrations_app.services.runs import migration_run_enqueue
 
     now = timezone.now()
@@ -164,7 +193,7 @@ def _approve_locked(request: MigrationRequest, *, approver, comment: str, ip: st
     request.decided_at = now
     request.decision_comment = comment
     request.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
-    audit_record(actor=approver, action=action, request=request, reason=comment, ip=ip)
+    audit_record(actor=approver, action=action, request=request, reason=comment, ip=ip, data=data)
     notifications.notify(request, N.DECISION, occasion="approved", actor=approver, detail=comment)
     if _start_is_due(request, now):
         migration_run_enqueue(request=request, actor=approver)
@@ -207,18 +236,57 @@ def _refuse_decision(request: MigrationRequest, verdict: access.Verdict, expired
 
 @_refusable(AuditAction.REQUEST_APPROVED)
 def migration_request_approve(*, request: MigrationRequest, actor, comment: str = "", ip: str | None = None) -> MigrationRequest:
-    """An approver approves; the run is queued at once unless its window opens later.
-    Approval after the window closed is refused and expires the request."""
+    """An approver signs the request's current stage. When that completes the last stage the
+    request is approved and its run queued (unless it starts later); otherwise the next stage waits.
+    Approval after the change window closed is refused and expires the request.
+    Under the admin bypass an admin's approval completes every remaining stage, and says so.
+
+    The request row is locked first: approvers clicking at once are serialized, and each sees the
+    signatures committed before it (exactly one of them completes a stage; none signs twice).
+    """
+    comment = (comment or "").strip()
     with transaction.atomic():
         request = _lock(request)
         verdict = access.can_decide(actor, request)
+        # A decision refused because the window closed expires the request; that commits.
         expired = "" if verdict else _expire_if_window_closed(request, verdict)
         if verdict:
-            _approve_locked(request, approver=actor, comment=(comment or "").strip(), ip=ip)
+            _sign_locked(request, actor=actor, verdict=verdict, comment=comment, ip=ip)
             notify_request_changed(request)
     if not verdict:
         _refuse_decision(request, verdict, expired)
     return request
+
+
+def _sign_locked(request: MigrationRequest, *, actor, verdict: access.Verdict, comment: str, ip: str | None) -> None:
+    """Record the approver's signature on the (locked) request's current stage and move it on."""
+    stages = request.stages
+    index = request.current_stage
+    stage = stages[index]
+    groups = [] if verdict.bypass else list(access.stage_groups_of(actor, stage))
+    RequestApproval.objects.create(request=request, stage=index, approver=actor, at=timezone.now(),
+                                   comment=comment, groups=groups, bypass=verdict.bypass)
+    data = {**_plan_data(request), "stage": index + 1, "stages": len(stages), "stage_name": stage.name,
+            "groups": groups, "bypass": verdict.bypass}
+    if verdict.bypass:
+        request.current_stage = len(stages)
+        request.save(update_fields=["current_stage", "updated_at"])
+        _approve_locked(request, approver=actor, ip=ip, action=AuditAction.REQUEST_BYPASS_APPROVED, data=data,
+                        comment=comment or f"admin bypass: stages {index + 1}-{len(stages)} not signed")
+    else:
+        signed = [Approval(a.approver_id, tuple(a.groups))
+                  for a in RequestApproval.objects.filter(request=request, stage=index)]
+        if stage_complete(stage, signed):
+            request.current_stage = index + 1
+        request.save(update_fields=["current_stage", "updated_at"])
+        if request.current_stage >= len(stages):
+            _approve_locked(request, approver=actor, comment=comment, ip=ip, data=data)
+        else:
+            signed_what = f"stage {index + 1} of {len(stages)}{f' ({stage.name})' if stage.name else ''}"
+            audit_record(actor=actor, action=AuditAction.REQUEST_STAGE_APPROVED, request=request,
+                         reason=f"{signed_what}: {comment}" if comment else signed_what, ip=ip, data=data)
+            if request.current_stage > index:  # the next stage opens: tell its approvers
+                notifications.notify(request, N.APPROVAL_WAITING, occasion=_stage_occasion(request))
 
 
 @_refusable(AuditAction.REQUEST_REJECTED)
@@ -238,7 +306,8 @@ def migration_request_reject(*, request: MigrationRequest, actor, reason: str, i
             request.decided_at = timezone.now()
             request.decision_comment = reason
             request.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
-            audit_record(actor=actor, action=AuditAction.REQUEST_REJECTED, request=request, reason=reason, ip=ip)
+            audit_record(actor=actor, action=AuditAction.REQUEST_REJECTED, request=request, reason=reason, ip=ip,
+                         data={**_plan_data(request), "stage": request.current_stage + 1, "bypass": verdict.bypass})
             notifications.notify(request, N.DECISION, occasion="rejected", actor=actor, detail=reason)
             notify_request_changed(request)
     if not verdict:

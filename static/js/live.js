@@ -72,6 +72,8 @@
     let lastSeq = 0;
     let lastEvent = null;
     let lastStatus = (document.getElementById("request-status") || {}).dataset?.status;
+    // Stage signatures leave the status pending but change the page: they are counted apart.
+    let lastApprovals = (document.getElementById("request-status") || {}).dataset?.approvals;
     const refresh = () => document.body.dispatchEvent(new Event("portal:request-status"));
 
     function attachRun() {
@@ -91,8 +93,10 @@
     on((msg) => {
       // "subscribed" carries the status as of subscribing: what changed since the page was rendered.
       const isStatus = msg.type === "request.changed" || (msg.type === "subscribed" && msg.stream === "request");
-      if (isStatus && msg.id === requestId && msg.status !== lastStatus) {
+      const approvals = msg.approvals === undefined ? lastApprovals : String(msg.approvals);
+      if (isStatus && msg.id === requestId && (msg.status !== lastStatus || approvals !== lastApprovals)) {
         lastStatus = msg.status;
+        lastApprovals = approvals;
         refresh();
       }
       if (msg.type === "run.event" && msg.id === runId && msg.seq > lastSeq) {

@@ -16,7 +16,7 @@ from migrations_app.services.runs import migration_run_execute
 from portal.asgi import application
 from tests.conftest import other_host_same_cluster, running_vm
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio, pytest.mark.usefixtures("review_everything")]
 
 
 def db(fn):
@@ -162,7 +162,8 @@ async def test_a_request_subscription_reports_the_current_status(users, datacent
     comm, _, _ = await connect(users["alice"])
     await comm.send_json_to({"action": "subscribe", "stream": "request", "id": run.request_id})
     reply = await comm.receive_json_from()
-    assert reply == {"type": "subscribed", "stream": "request", "id": run.request_id, "status": "queued"}
+    assert reply == {"type": "subscribed", "stream": "request", "id": run.request_id, "status": "queued",
+                     "approvals": 1}  # one approver signed its one stage
     await comm.disconnect()
     comm, _, _ = await connect(users["mallory"])
     await comm.send_json_to({"action": "subscribe", "stream": "request", "id": run.request_id})

@@ -32,7 +32,7 @@ from tests.e2e.chaos import PortalProcesses, assert_true_story, submit_batch, wa
 
 S = RequestStatus
 log = logging.getLogger(__name__)
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("review_everything")]
 MIGRATIONS = 20
 KILLS = 5
 

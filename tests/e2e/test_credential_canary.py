@@ -22,7 +22,7 @@ from migrations_app.services.inventory import inventory_sync
 from tests.conftest import make_user
 from tests.drivers.peer_vcenter import REPO, _vcsim
 
-pytestmark = [pytest.mark.e2e, pytest.mark.peer("vcenter")]
+pytestmark = [pytest.mark.e2e, pytest.mark.peer("vcenter"), pytest.mark.usefixtures("review_everything")]
 CANARY = "Canary-7f3a9c2e-Secret"
 
 

@@ -13,7 +13,7 @@ from migrations_app.choices import AuditAction, AuditOutcome, Role
 from migrations_app.models import AuditEntry, HypervisorConnection, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.services import requests as svc
 from migrations_app.services.inventory import inventory_sync
-from tests.conftest import make_user, other_host_same_cluster
+from tests.conftest import REVIEW_EVERYTHING, install_policy, make_user, other_host_same_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -23,6 +23,7 @@ def expired_request(live_portal, tmp_path, settings):
     from django.conf import global_settings
 
     settings.PASSWORD_HASHERS = global_settings.PASSWORD_HASHERS  # the portal's processes use the real ones
+    install_policy(REVIEW_EVERYTHING)  # the request waits for an approver, whatever its VM
     conn = HypervisorConnection.objects.create(
         name="e2e", kind="simulator", options={"vms": 12, "state_file": str(tmp_path / "sim.json")})
     inventory_sync(connection=conn)

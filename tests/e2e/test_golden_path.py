@@ -13,7 +13,7 @@ from migrations_app.models import HypervisorConnection, MigrationRequest, Virtua
 from migrations_app.services.inventory import inventory_sync
 from tests.conftest import make_user
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("review_everything")]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from migrations_app.services.inventory import inventory_sync
 from tests import peers
 from tests.conftest import make_user
 
-pytestmark = [pytest.mark.e2e, pytest.mark.peer("libvirt")]
+pytestmark = [pytest.mark.e2e, pytest.mark.peer("libvirt"), pytest.mark.usefixtures("review_everything")]
 MiB = 1024**2
 
 

@@ -21,7 +21,7 @@ from tests.conftest import other_host_same_cluster
 from tests.e2e.chaos import PortalProcesses, assert_true_story, submit_batch, wait_for
 
 S = RequestStatus
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("review_everything")]
 MIGRATIONS = 20
 
 

@@ -15,7 +15,7 @@ from migrations_app.services.inventory import driver_for, inventory_sync
 from migrations_app.services.recovery import migration_run_reconcile_stale
 from tests.conftest import make_user, other_host_same_cluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("review_everything")]
 
 
 def wait_for(predicate, timeout=30.0, what="condition"):

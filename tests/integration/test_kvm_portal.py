@@ -22,7 +22,7 @@ from tests import peers
 
 S = RequestStatus
 MiB = 1024**2
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.peer("libvirt")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.peer("libvirt"), pytest.mark.usefixtures("review_everything")]
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from tests.conftest import other_host_same_cluster
 from tests.drivers.peer_vcenter import REPO, _vcsim
 
 S = RequestStatus
-pytestmark = [pytest.mark.django_db, pytest.mark.peer("vcenter")]
+pytestmark = [pytest.mark.django_db, pytest.mark.peer("vcenter"), pytest.mark.usefixtures("review_everything")]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from migrations_app.tasks import deliver_notification
 from tests.conftest import other_host_same_cluster, running_vm
 
 N = NotificationCategory
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
 
 
 @pytest.fixture
@@ -122,13 +122,31 @@ def test_muted_categories_are_not_mailed_and_the_change_is_audited(datacenter, p
                         f"Succeeded: #{mr.pk} compute move of {vm.name}"]
 
 
+def test_each_approval_stage_that_opens_tells_the_approvers_who_can_sign_it(datacenter, people):
+    from migrations_app.policy.defaults import DEFAULT_POLICY
+    from tests.conftest import install_policy
+
+    install_policy(DEFAULT_POLICY)  # production VMs: two stages, never the same approver
+    vm = running_vm(datacenter)
+    vm.tags = [*vm.tags, "env:production"]
+    vm.save(update_fields=["tags"])
+    mr = submit(people["alice"], vm)
+    subject = f"Waiting for your approval: #{mr.pk} compute move of {vm.name}"
+    assert sorted(send_recorded()) == [("bob@example.test", subject), ("erin@example.test", subject)]
+    svc.migration_request_approve(request=mr, actor=people["erin"])
+    # Stage 2 opens: erin signed stage 1 and cannot sign it, so only bob is told.
+    assert send_recorded() == [("bob@example.test", subject)]
+    svc.migration_request_approve(request=mr, actor=people["bob"])
+    assert send_recorded() == [("alice@example.test", f"Approved: #{mr.pk} compute move of {vm.name}")]
+
+
 def test_the_same_notification_is_never_recorded_or_sent_twice(datacenter, people):
     from django.db import transaction
 
     mr = submit(people["alice"], running_vm(datacenter))
     first = NotificationDelivery.objects.filter(request=mr, category=N.APPROVAL_WAITING).count()
     with transaction.atomic():
-        assert notifications.notify(mr, N.APPROVAL_WAITING) == []  # the same occasion again: nothing new
+        assert notifications.notify(mr, N.APPROVAL_WAITING, occasion="stage-1") == []  # the same occasion again: nothing new
     assert NotificationDelivery.objects.filter(request=mr, category=N.APPROVAL_WAITING).count() == first == 2
     pk = NotificationDelivery.objects.filter(request=mr).first().pk
     deliver_notification.apply(args=[pk])

@@ -20,7 +20,7 @@ from tests.conftest import running_vm
 from tests.services.test_runs import approved_run
 
 S = RequestStatus
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
 
 
 def stale(run):

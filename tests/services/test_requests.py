@@ -14,7 +14,7 @@ from migrations_app.services.errors import ActionRefused
 from tests.conftest import other_cluster_host, other_host_same_cluster, running_vm
 
 S = RequestStatus
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
 
 
 def submit(user, vm, **kw):
@@ -179,12 +179,3 @@ def test_pending_requests_expire_after_the_configured_time(datacenter, users, se
     with pytest.raises(ActionRefused, match="already expired"):
         svc.migration_request_approve(request=mr, actor=users["erin"])
 
-
-def test_auto_approval_policy_queues_small_compute_moves_when_enabled(datacenter, users, settings):
-    settings.PORTAL = {**settings.PORTAL, "AUTO_APPROVE_SMALL_COMPUTE": True}
-    vm = running_vm(datacenter)
-    vm.memory_bytes, vm.tags = 2 * 1024**3, ["env:dev"]
-    vm.save()
-    mr = submit(users["alice"], vm)
-    assert mr.status == S.QUEUED and mr.decided_by is None
-    assert AuditEntry.objects.filter(request=mr, action=AuditAction.REQUEST_AUTO_APPROVED, actor=None).exists()

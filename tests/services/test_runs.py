@@ -17,6 +17,8 @@ from tests.conftest import other_host_same_cluster, running_vm
 
 S = RequestStatus
 
+pytestmark = pytest.mark.usefixtures("review_everything")
+
 
 def approved_run(user, approver, vm, **kw) -> MigrationRun:
     kw.setdefault("kind", MigrationKind.COMPUTE)

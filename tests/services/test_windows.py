@@ -22,7 +22,7 @@ from migrations_app.services.runs import migration_request_start_due, migration_
 from tests.conftest import other_host_same_cluster, running_vm
 
 S = RequestStatus
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
 
 # A fixed "now" for every test: the window's times and the messages that name them are exact.
 T0 = datetime(2031, 3, 3, 9, 0, tzinfo=UTC)

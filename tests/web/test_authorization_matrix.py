@@ -14,7 +14,7 @@ from migrations_app.models import AuditEntry, MigrationRequest, MigrationRun, Vi
 from migrations_app.services import requests as svc
 from tests.conftest import other_host_same_cluster, running_vm
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
 
 ROLES = ("anonymous", "alice", "mallory", "erin", "dave", "carol")  # owner, stranger, approver, auditor, admin
 EVERYONE = set(ROLES) - {"anonymous"}
@@ -75,17 +75,22 @@ def test_every_read_against_every_role(users, world, url, allowed):
                 assert response["Location"].startswith("/login/"), (role, path)
 
 
-# (action, roles that may do it to alice's pending request)
+# (action, roles that may do it to alice's pending request): the approver of the stage decides; an
+# admin only when the admin bypass is on (PORTAL["ADMIN_BYPASS_APPROVAL"], default off).
 WRITES = [
-    ("approve", {"erin", "carol"}),
-    ("reject", {"erin", "carol"}),
-    ("cancel", {"alice", "carol"}),
+    ("approve", {"erin"}, {"erin", "carol"}),
+    ("reject", {"erin"}, {"erin", "carol"}),
+    ("cancel", {"alice", "carol"}, {"alice", "carol"}),
 ]
 
 
-@pytest.mark.parametrize("action, allowed", WRITES, ids=[w[0] for w in WRITES])
+@pytest.mark.parametrize("action, allowed, allowed_with_bypass", WRITES, ids=[w[0] for w in WRITES])
 @pytest.mark.parametrize("via", ["page", "api"])
-def test_every_decision_against_every_role(users, datacenter, action, allowed, via):
+@pytest.mark.parametrize("bypass", [False, True], ids=["bypass-off", "bypass-on"])
+def test_every_decision_against_every_role(users, datacenter, settings, action, allowed, allowed_with_bypass, via,
+                                           bypass):
+    settings.PORTAL = {**settings.PORTAL, "ADMIN_BYPASS_APPROVAL": bypass}
+    allowed = allowed_with_bypass if bypass else allowed
     vm = running_vm(datacenter)
     for role in ROLES:
         # Setup only: retire the previous round's request so the VM can be requested again.

@@ -1,4 +1,5 @@
-"""Seed the demo: roles, users (alice, bob, carol, dave), the simulated datacenter, an inventory sync."""
+"""Seed the demo: roles, users (alice, bob, erin, carol, dave), the simulated datacenter, an inventory
+sync, the shipped approval policy, and (once) three requests by alice that show its three outcomes."""
 
 from __future__ import annotations
 
@@ -6,13 +7,22 @@ from django.contrib.auth.models import Group, User
 from django.core.management.base import BaseCommand
 
 from migrations_app.choices import Role
-from migrations_app.models import HypervisorConnection
+from migrations_app.models import HypervisorConnection, MigrationRequest, VirtualMachine
+from migrations_app.policy.defaults import SMALL_DISK_GIB, SMALL_MEMORY_GIB
+from migrations_app.selectors import datastore_choices, host_choices
+from migrations_app.services.errors import ActionRefused
 from migrations_app.services.inventory import inventory_sync
+from migrations_app.services.policies import install_default_policy
+from migrations_app.services.requests import migration_request_submit
+
+GiB = 1024**3
 
 USERS = [
     # username, roles, teams, staff/superuser
     ("alice", [Role.REQUESTER], ["team-web", "team-data"], False),
     ("bob", [Role.APPROVER, Role.REQUESTER], ["team-ops"], False),
+    # A second approver: production VMs need two distinct approvers (bob and erin).
+    ("erin", [Role.APPROVER], [], False),
     ("carol", [Role.ADMIN], [], True),
     ("dave", [Role.AUDITOR], [], False),
 ]
@@ -44,6 +54,43 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(
             f"Simulated datacenter: {counts['vms']} VMs on {counts['hosts']} hosts, {counts['datastores']} datastores."
         ))
+        install_default_policy()
+        if not MigrationRequest.objects.exists():
+            self._show_policy_outcomes(conn)
         self.stdout.write(f"Users (password for all: {password}):")
         for username, roles, teams, _ in USERS:
             self.stdout.write(f"  {username:<6} {', '.join(r.value for r in roles)}{' · ' + ', '.join(teams) if teams else ''}")
+
+    def _show_policy_outcomes(self, conn) -> None:
+        """Alice asks for three moves, one per outcome of the shipped policy: a small compute move
+        (approved automatically), a storage move (one approver), a production VM (two approvers)."""
+        alice = User.objects.get(username="alice")
+        vms = list(VirtualMachine.objects.filter(connection=conn, power_state="on", owner_group__name="team-web")
+                   .exclude(tags__icontains="sim:").order_by("name"))
+
+        def small(vm):
+            return vm.memory_bytes <= SMALL_MEMORY_GIB * GiB and vm.disk_bytes <= SMALL_DISK_GIB * GiB
+
+        production = [vm for vm in vms if "env:production" in vm.tags]
+        other = [vm for vm in vms if "env:production" not in vm.tags]
+        picks = [
+            ("compute", next((vm for vm in other if small(vm)), None), "demo: small compute move (auto-approved)"),
+            ("storage", next((vm for vm in other if not small(vm)), other[-1] if other else None),
+             "demo: storage move (needs one approver)"),
+            ("compute", production[0] if production else None, "demo: production VM (needs two approvers)"),
+        ]
+        used = set()
+        for kind, vm, reason in picks:
+            if vm is None or vm.pk in used:
+                self.stdout.write(f"  (no suitable VM for: {reason})")
+                continue
+            used.add(vm.pk)
+            host = next((c.obj for c in host_choices(vm) if c.valid), None) if kind == "compute" else None
+            ds = next((c.obj for c in datastore_choices(vm, None) if c.valid), None) if kind == "storage" else None
+            try:
+                mr = migration_request_submit(requester=alice, vm=vm, kind=kind, reason=reason, target_host=host,
+                                              target_datastore=ds)
+            except ActionRefused as exc:
+                self.stdout.write(f"  (skipped {reason}: {exc.message})")
+                continue
+            self.stdout.write(f"  request #{mr.pk} {vm.name}: {mr.get_status_display().lower()} ({mr.policy_note})")
