@@ -22,6 +22,7 @@ from drivers.base import (
     PowerState,
     VirtualMachine,
 )
+from drivers.vmware.disk_listing import DEVICE_PATH, read_vm_disks
 from drivers.vmware.session import _Session
 
 PC = vmodl.query.PropertyCollector
@@ -54,8 +55,8 @@ _INVENTORY_PROPS = {
         "config.template",
         "config.hardware.memoryMB",
         "config.hardware.numCPU",
-        "config.hardware.device",
         "customValue",
+        # config.hardware.device (the disks) is read apart: see disk_listing
     ],
 }
 
@@ -82,25 +83,32 @@ def props_of(content: Any) -> dict[str, Any]:
 
 
 def read_inventory(session: _Session, *, page_size: int) -> Inventory:
-    """The whole inventory in one retrieval over a container view (created on the session's
-    first call and kept with it)."""
+    """The whole inventory over a container view (created on the session's first call and kept
+    with it): one retrieval decoded by pyvmomi, and one of the VMs' device lists read by
+    ``disk_listing`` (pyvmomi's decoding of those was most of the time)."""
     content = session.content
     if session.view is None:
         session.view = content.viewManager.CreateContainerView(
             container=content.rootFolder, type=list(_INVENTORY_PROPS), recursive=True
         )
-    object_specs = [
-        PC.ObjectSpec(
-            obj=session.view, skip=True, selectSet=[PC.TraversalSpec(type=vim.view.ContainerView, path="view")]
-        )
-    ]
+    over_view = PC.ObjectSpec(
+        obj=session.view, skip=True, selectSet=[PC.TraversalSpec(type=vim.view.ContainerView, path="view")]
+    )
+    object_specs = [over_view]
     prop_specs = [PC.PropertySpec(type=t, pathSet=paths) for t, paths in _INVENTORY_PROPS.items()]
     if content.customFieldsManager is not None:
         # The custom attribute definitions ride along in the same request.
         object_specs.append(PC.ObjectSpec(obj=content.customFieldsManager))
         prop_specs.append(PC.PropertySpec(type=vim.CustomFieldsManager, pathSet=["field"]))
     objects = retrieve(session, [PC.FilterSpec(objectSet=object_specs, propSet=prop_specs)], page_size=page_size)
-    return _InventoryBuilder(objects).build()
+    collector = content.propertyCollector
+    disks = read_vm_disks(
+        collector,
+        collector._stub,
+        PC.FilterSpec(objectSet=[over_view], propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=[DEVICE_PATH])]),
+        page_size=page_size,
+    )
+    return _InventoryBuilder(objects, disks).build()
 
 
 def read_placement(session: _Session, vm_ref: str, *, stub: Any, page_size: int) -> Placement:
@@ -150,7 +158,8 @@ def _mounted_hosts(mounts: Iterable[Any] | None) -> tuple[str, ...]:
 class _InventoryBuilder:
     """Turns the ObjectContents of one inventory retrieval into the portal's Inventory."""
 
-    def __init__(self, objects: list):
+    def __init__(self, objects: list, disks: Mapping[str, tuple[Disk, ...]]):
+        self.disks = disks
         self.objects = [(o.obj, {p.name: p.val for p in o.propSet or ()}) for o in objects]
         self.props = {obj._moId: props for obj, props in self.objects}
         self.kind = {obj._moId: obj for obj, _ in self.objects}
@@ -241,7 +250,7 @@ class _InventoryBuilder:
             power_state=_POWER.get(str(props.get("runtime.powerState")), PowerState.OFF),
             memory_bytes=int(props.get("config.hardware.memoryMB") or 0) * MiB,
             vcpus=int(props.get("config.hardware.numCPU") or 0),
-            disks=disks_of(props.get("config.hardware.device")),
+            disks=self.disks.get(ref, ()),
             owner=values.pop(OWNER_FIELD, ""),
             tags=tuple(f"{name}:{value}" for name, value in sorted(values.items())),
             folder=self._folder_path(props.get("parent")),
