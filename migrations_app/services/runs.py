@@ -270,9 +270,10 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
         run.heartbeat_at = now
         run.phase = Phase.PRECHECK
         run.save(update_fields=["worker", "started_at", "heartbeat_at", "phase", "wait_reason"])
+        append_run_event(run, status=request.status, message=f"started by {worker}")
+        # The audit append last: it holds the chain's lock (every audited action waits on it) until commit.
         audit_record(actor=None, action=AuditAction.RUN_STARTED, request=request, object_type="migration_run",
                      object_id=str(run.pk), before=request.source_placement, data={"worker": worker})
-        append_run_event(run, status=request.status, message=f"started by {worker}")
         notify_request_changed(request)
     return run
 
@@ -448,11 +449,16 @@ class _ProgressRecorder:
             return
         run = self.run
         with transaction.atomic():
-            for update in updates:
-                self._store(run, update)
+            phases = [self._store(run, update) for update in updates]
+            # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
+            for phase in filter(None, phases):
+                audit_record(actor=None, action=AuditAction.RUN_PHASE, request=run.request,
+                             object_type="migration_run", object_id=str(run.pk), task_id=phase["task_id"],
+                             data={"phase": phase["phase"], "percent": phase["percent"]})
         self.last_stored = time.monotonic()
 
-    def _store(self, run: MigrationRun, update: drv.ProgressUpdate) -> None:
+    def _store(self, run: MigrationRun, update: drv.ProgressUpdate) -> dict | None:
+        """Store one update as the run's next event; what to audit when it changed the phase."""
         phase_changed = update.phase.value != run.phase
         # Clamp what the driver says: percent within 0..100 and never backwards.
         self.percent = max(self.percent, min(100.0, max(0.0, float(update.percent))))
@@ -472,10 +478,9 @@ class _ProgressRecorder:
             "task_id": run.task_id, "heartbeat_at": run.heartbeat_at,
         }
         append_run_event(run, status=self.status, message=update.message, run_fields=fields)
-        if phase_changed:
-            audit_record(actor=None, action=AuditAction.RUN_PHASE, request=run.request,
-                         object_type="migration_run", object_id=str(run.pk), task_id=run.task_id,
-                         data={"phase": run.phase, "percent": round(run.percent, 1)})
+        if not phase_changed:
+            return None
+        return {"phase": run.phase, "percent": round(run.percent, 1), "task_id": run.task_id}
 
 
 def _apply_placement(run: MigrationRun, placement: drv.Placement) -> None:
@@ -566,6 +571,8 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
         request.save(update_fields=["status", "updated_at"])
         run.finished_at = now
         run.save()
+        append_run_event(run, status=target, message=run.explanation)
+        # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
         audit_record(
             actor=None,
             action=action,
@@ -579,7 +586,6 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
             task_id=run.task_id,
             data={"downtime_ms": run.downtime_ms, "worker": run.worker},
         )
-        append_run_event(run, status=target, message=run.explanation)
         if reconciled_by:
             audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=request, task_id=run.task_id,
                          reason=reconciled_by)
