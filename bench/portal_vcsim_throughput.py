@@ -121,18 +121,24 @@ def main() -> None:
         driver = driver_for(conn)
         cost = {}
         vm = vms.pop()
-        with CaptureQueriesContext(connection) as queries:
-            target = next(h for h in hosts if h.pk != vm.host_id)
+        target = next(h for h in hosts if h.pk != vm.host_id)
+        mr = None
+
+        def measured(step: str, call) -> None:
+            trips, cpu, wall = driver.round_trips, time.process_time(), time.perf_counter()
+            with CaptureQueriesContext(connection) as queries:
+                call()
+            cost[step] = (len(queries), driver.round_trips - trips, time.process_time() - cpu,
+                          time.perf_counter() - wall)
+
+        def submit_one() -> None:
+            nonlocal mr
             mr = svc.migration_request_submit(requester=requester, vm=vm, kind="compute", target_host=target,
                                               reason="bench")
-        cost["submit"] = (len(queries), 0)
-        with CaptureQueriesContext(connection) as queries:
-            svc.migration_request_approve(request=mr, actor=approver)
-        cost["approve"] = (len(queries), 0)
-        trips = driver.round_trips
-        with CaptureQueriesContext(connection) as queries:
-            migration_run_execute(run_id=mr.run.pk, worker="bench")
-        cost["execute"] = (len(queries), driver.round_trips - trips)
+
+        measured("submit", submit_one)
+        measured("approve", lambda: svc.migration_request_approve(request=mr, actor=approver))
+        measured("execute", lambda: migration_run_execute(run_id=mr.run.pk, worker="bench"))
 
         started, cpu = time.perf_counter(), time.process_time()
         run_ids = [submit_and_approve(i, vm) for i, vm in enumerate(vms)]
@@ -163,8 +169,10 @@ def main() -> None:
 
     moves = len(vms)
     print(f"moves: {moves} (portal), {N} (plain loop); portal succeeded: {done}")
-    print("one move costs: " + ", ".join(f"{step} {q} queries" + (f" + {t} SOAP round trips" if t else "")
-                                         for step, (q, t) in cost.items()))
+    print("one move, measured alone (queries, SOAP round trips, CPU of this process, wall):")
+    for step, (queries, trips, cpu_s, wall_s) in cost.items():
+        print(f"  {step:8} {queries:3} queries, {trips} SOAP round trips, {1000 * cpu_s:5.1f} ms CPU, "
+              f"{1000 * wall_s:5.1f} ms")
     print(f"plain pyvmomi loop:  {N / plain_s:7.1f} relocations/s  ({plain_s:.2f} s)")
     print(f"portal, {WORKERS} worker {MODE}:  {moves / portal_s:7.1f} migrations/s  ({portal_s:.2f} s, "
           f"of which submit+approve {submitted_s:.2f} s, i.e. {1000 * submitted_s / moves:.1f} ms a move)")
