@@ -111,14 +111,21 @@ def read_inventory(session: _Session, *, page_size: int) -> Inventory:
     return _InventoryBuilder(objects, disks).build()
 
 
+PLACEMENT_PATHS = ["runtime.host", "config.hardware.device"]
+
+
 def read_placement(session: _Session, vm_ref: str, *, stub: Any, page_size: int) -> Placement:
     """Where a VM runs now: its host and the datastore of each disk."""
     spec = PC.FilterSpec(
         objectSet=[PC.ObjectSpec(obj=vim.VirtualMachine(vm_ref, stub))],
-        propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=["runtime.host", "config.hardware.device"])],
+        propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=PLACEMENT_PATHS)],
     )
     objects = retrieve(session, [spec], page_size=page_size)
-    props = props_of(objects[0]) if objects else {}
+    return placement_of(vm_ref, props_of(objects[0]) if objects else {})
+
+
+def placement_of(vm_ref: str, props: Mapping[str, Any]) -> Placement:
+    """A VM's placement from its PLACEMENT_PATHS properties."""
     host = props.get("runtime.host")
     if host is None:
         raise NotFound(f"VM {vm_ref} has no host in vCenter (it is being created, or orphaned)")
