@@ -1,5 +1,5 @@
-"""The VMs' disks read from the undecoded SOAP answer (drivers/vmware/disk_listing.py): the same
-fields pyvmomi's decoding gives, whatever the chunking of the stream; against vcsim, VM by VM."""
+"""The VMs read from the undecoded SOAP answer (drivers/vmware/vm_listing.py): the same values
+pyvmomi's decoding gives, whatever the chunking of the stream; against vcsim, VM by VM."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pyVmomi import SoapAdapter, VmomiSupport, vim, vmodl
 
 from drivers.base import Disk
 from drivers.vmware import disks_of
-from drivers.vmware.disk_listing import DeviceFilter, DiskListing
+from drivers.vmware.vm_listing import DeviceFilter, VmListing
 
 PC = vmodl.query.PropertyCollector
 VERSION = VmomiSupport.versionMap["vim25/6.5"]
@@ -32,12 +32,15 @@ def disk(key: int, *, datastore: str | None = "datastore-15", kb: int = 1024, in
     )
 
 
-def soap_answer(devices_by_vm: dict[str, list], *, token: str | None = None, missing: dict | None = None) -> bytes:
+def soap_answer(devices_by_vm: dict[str, list], *, token: str | None = None, missing: dict | None = None,
+                scalars: dict | None = None) -> bytes:
     """A RetrievePropertiesEx answer as vCenter writes it, serialized by pyvmomi itself."""
     objects = []
     for ref, devices in devices_by_vm.items():
-        prop = vmodl.DynamicProperty(name="config.hardware.device", val=vim.vm.device.VirtualDevice.Array(devices))
-        objects.append(PC.ObjectContent(obj=vim.VirtualMachine(ref, None), propSet=[prop]))
+        props = [vmodl.DynamicProperty(name=k, val=v) for k, v in (scalars or {}).items()]
+        props.append(vmodl.DynamicProperty(name="config.hardware.device",
+                                           val=vim.vm.device.VirtualDevice.Array(devices)))
+        objects.append(PC.ObjectContent(obj=vim.VirtualMachine(ref, None), propSet=props))
     for ref, fault in (missing or {}).items():
         objects.append(PC.ObjectContent(obj=vim.VirtualMachine(ref, None),
                                         missingSet=[PC.MissingProperty(path="config.hardware.device", fault=fault)]))
@@ -55,8 +58,8 @@ def soap_answer(devices_by_vm: dict[str, list], *, token: str | None = None, mis
     )
 
 
-def listing_of(answer: bytes, chunk: int) -> DiskListing:
-    listing = DiskListing()
+def listing_of(answer: bytes, chunk: int) -> VmListing:
+    listing = VmListing()
     listing.start_answer()
     for i in range(0, len(answer), chunk):
         listing.feed(answer[i : i + chunk])
@@ -113,13 +116,43 @@ def test_an_expired_session_reported_per_property_is_raised():
         listing_of(answer, 1 << 20)
 
 
+def test_scalar_properties_read_as_pyvmomi_gives_them():
+    scalars = {
+        "name": "web & db <01>",
+        "parent": vim.Folder("group-v22", None),
+        "runtime.host": vim.HostSystem("host-2", None),
+        "runtime.powerState": vim.VirtualMachinePowerState.poweredOn,
+        "config.template": False,
+        "config.hardware.memoryMB": 4096,
+        "config.hardware.numCPU": 2,
+        "customValue": vim.CustomFieldsManager.Value.Array([
+            vim.CustomFieldsManager.StringValue(key=101, value="team-web"),
+            vim.CustomFieldsManager.StringValue(key=102, value=""),
+        ]),
+    }
+    record = listing_of(soap_answer({"vm-1": DEVICES["vm-1"]}, scalars=scalars), 97).vms["vm-1"]
+    assert record.props == {
+        "name": "web & db <01>", "parent": "group-v22", "runtime.host": "host-2", "runtime.powerState": "poweredOn",
+        "config.template": False, "config.hardware.memoryMB": 4096, "config.hardware.numCPU": 2,
+        "customValue": ((101, "team-web"), (102, "")),
+    }
+    assert record.disks == disks_of(DEVICES["vm-1"])
+
+
 @pytest.mark.peer("vcenter")
-def test_inventory_disks_equal_pyvmomis_device_lists_on_vcsim(request):
+def test_inventory_vms_equal_what_pyvmomi_reads_on_vcsim(request):
     from tests import peers
 
     harness = peers.start("vcenter", request.session.config)
     inventory = harness.driver.inventory()
     assert inventory.vms
     for vm in inventory.vms:
-        expected = disks_of(vim.VirtualMachine(vm.ref, harness.observer._stub).config.hardware.device)
+        obj = vim.VirtualMachine(vm.ref, harness.observer._stub)
+        expected = disks_of(obj.config.hardware.device)
         assert expected and vm.disks == expected, vm.ref
+        assert (vm.name, vm.host_ref, vm.pool_ref, vm.vcpus, vm.memory_bytes) == (
+            obj.name, obj.runtime.host._moId, obj.resourcePool._moId, obj.config.hardware.numCPU,
+            obj.config.hardware.memoryMB * 1024**2), vm.ref
+        assert vm.power_state.value == {"poweredOn": "on", "poweredOff": "off"}[obj.runtime.powerState], vm.ref
+        assert vm.owner and vm.owner in {v.value for v in obj.customValue}, vm.ref
+        assert vm.folder.endswith("/" + obj.parent.name), vm.ref

@@ -1,19 +1,21 @@
-"""The VMs' virtual disks, read from the undecoded SOAP answer of one property retrieval.
+"""The VMs, read from the undecoded SOAP answer of one property retrieval.
 
-pyvmomi decodes a VM's whole device list (a dozen devices, ~150 XML elements) into typed objects,
-one Python call per element: for a 10,000-VM inventory that was ~85 % of the read. The portal
-needs five fields of the disks only. So this retrieval takes the answer as it streams in, drops
-the other devices' elements whole at the byte level (a device element never nests another, so what
-is left is still well-formed XML; a sixth of the bytes), parses the rest with the standard
-library's C XML parser and keeps those five fields. Every other property of the inventory still
-goes through pyvmomi. ``disks_of`` (pyvmomi objects) and this module read the same fields:
-a contract test compares them VM by VM against vcsim.
+pyvmomi decodes every element of an answer into typed objects, one Python call per element. A VM's
+device list alone is a dozen devices and ~150 elements: for a 10,000-VM inventory, decoding the VMs
+was ~90 % of the read. The portal needs a few scalar properties of each VM and five fields of its
+disks. So this retrieval takes the answer as it streams in, drops the other devices' elements
+whole at the byte level (a device element never nests another, so what is left is still
+well-formed XML; a sixth of the bytes), parses the rest with the standard library's C XML parser
+and keeps those values. Hosts, datastores, clusters and folders (few) still go through pyvmomi.
+``disks_of`` (pyvmomi objects) and this module read the same fields: tests compare them, VM by VM
+on vcsim.
 """
 
 from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from typing import Any
 
 from pyVmomi import vim
@@ -85,16 +87,60 @@ def _int(text: str | None) -> int:
     return int(text) if text else 0
 
 
-class DiskListing:
-    """Collects ``{vm ref: disks}`` from the XML of a RetrievePropertiesEx (or Continue...) answer
-    fed in chunks; ``token`` is the paging token of the last answer ("" when it was the last page).
+@dataclass(frozen=True)
+class VmRecord:
+    """One VM's properties as read: scalars by property path (a managed object reference as its
+    id, a custom attribute list as (key, value) pairs, an enum as its name) and its disks."""
+
+    props: dict[str, Any]
+    disks: tuple[Disk, ...]
+
+
+def _value(val: ET.Element) -> Any:
+    """A property value of the types the VM listing asks for."""
+    kind = _type_name(val)
+    if kind in ("int", "long", "short", "byte"):
+        return int(val.text or 0)
+    if kind == "boolean":
+        return val.text == "true"
+    if kind == "ArrayOfCustomFieldValue":
+        return tuple((int(v.findtext(f"{_V}key") or 0), v.findtext(f"{_V}value") or "") for v in val)
+    return val.text or ""  # string, enum, ManagedObjectReference (its id)
+
+
+def _disks(val: ET.Element) -> tuple[Disk, ...]:
+    disks = []
+    for device in val.iterfind(f"{_V}VirtualDevice"):
+        if _type_name(device) != "VirtualDisk":
+            continue
+        key = device.findtext(f"{_V}key") or ""
+        capacity = _int(device.findtext(f"{_V}capacityInBytes")) or _int(device.findtext(f"{_V}capacityInKB")) * KiB
+        disks.append(
+            Disk(
+                key=key,
+                label=device.findtext(f"{_V}deviceInfo/{_V}label") or f"disk {key}",
+                datastore_ref=device.findtext(f"{_V}backing/{_V}datastore") or "",
+                capacity_bytes=capacity,
+                path=device.findtext(f"{_V}backing/{_V}fileName") or "",
+            )
+        )
+    return tuple(disks)
+
+
+class VmListing:
+    """Collects ``{vm ref: VmRecord}`` from the XML of a RetrievePropertiesEx (or Continue...)
+    answer fed in chunks; ``token`` is the paging token of the last answer ("" on the last page).
     Each VM's elements are dropped once read, so memory stays bounded whatever the inventory size."""
 
     def __init__(self) -> None:
-        self.disks: dict[str, tuple[Disk, ...]] = {}
+        self.vms: dict[str, VmRecord] = {}
         self.token = ""
         self._parser: ET.XMLPullParser | None = None
         self._filter = DeviceFilter()
+
+    @property
+    def disks(self) -> dict[str, tuple[Disk, ...]]:
+        return {ref: vm.disks for ref, vm in self.vms.items()}
 
     def start_answer(self) -> None:
         """Begin a new SOAP answer (the first page or a continuation)."""
@@ -131,30 +177,24 @@ class DiskListing:
         ref = objects.findtext(f"{_V}obj")
         if not ref:
             return
-        disks = []
-        for device in objects.iterfind(_DEVICES):
-            if _type_name(device) != "VirtualDisk":
+        props, disks = {}, ()
+        for prop in objects.iterfind(f"{_V}propSet"):
+            name, val = prop.findtext(f"{_V}name"), prop.find(f"{_V}val")
+            if val is None:
                 continue
-            key = device.findtext(f"{_V}key") or ""
-            capacity = _int(device.findtext(f"{_V}capacityInBytes")) or _int(device.findtext(f"{_V}capacityInKB")) * KiB
-            disks.append(
-                Disk(
-                    key=key,
-                    label=device.findtext(f"{_V}deviceInfo/{_V}label") or f"disk {key}",
-                    datastore_ref=device.findtext(f"{_V}backing/{_V}datastore") or "",
-                    capacity_bytes=capacity,
-                    path=device.findtext(f"{_V}backing/{_V}fileName") or "",
-                )
-            )
-        self.disks[ref] = tuple(disks)
+            if name == DEVICE_PATH:
+                disks = _disks(val)
+            else:
+                props[name] = _value(val)
+        self.vms[ref] = VmRecord(props, disks)
 
 
-def read_vm_disks(collector: Any, stub: Any, spec: Any, *, page_size: int) -> dict[str, tuple[Disk, ...]]:
-    """The disks of every VM a filter spec selects (its property set must ask for
-    ``config.hardware.device`` only), following vCenter's paging to the end."""
+def read_vms(collector: Any, stub: Any, spec: Any, *, page_size: int) -> dict[str, VmRecord]:
+    """The VMs a filter spec selects, with the properties it asks for (scalars, custom values and
+    ``config.hardware.device``), following vCenter's paging to the end."""
     from drivers.vmware.inventory import PC
 
-    listing = DiskListing()
+    listing = VmListing()
     listing.start_answer()
     stub.invoke_streamed(
         collector, "RetrievePropertiesEx", [[spec], PC.RetrieveOptions(maxObjects=page_size)], listing.feed
@@ -165,4 +205,4 @@ def read_vm_disks(collector: Any, stub: Any, spec: Any, *, page_size: int) -> di
         listing.start_answer()
         stub.invoke_streamed(collector, "ContinueRetrievePropertiesEx", [token], listing.feed)
         listing.end_answer()
-    return listing.disks
+    return listing.vms
