@@ -156,3 +156,23 @@ def test_inventory_vms_equal_what_pyvmomi_reads_on_vcsim(request):
         assert vm.power_state.value == {"poweredOn": "on", "poweredOff": "off"}[obj.runtime.powerState], vm.ref
         assert vm.owner and vm.owner in {v.value for v in obj.customValue}, vm.ref
         assert vm.folder.endswith("/" + obj.parent.name), vm.ref
+
+
+def test_pages_are_followed_with_the_token_vcenter_gives():
+    from drivers.vmware.vm_listing import read_vms
+
+    pages = {"RetrievePropertiesEx": soap_answer({"vm-1": DEVICES["vm-1"]}, token="page-2"),
+             "ContinueRetrievePropertiesEx": soap_answer({"vm-2": DEVICES["vm-3"]})}
+    calls = []
+
+    class Stub:
+        def invoke_streamed(self, mo, method, args, sink):
+            calls.append((method, args[0] if method.startswith("Continue") else None))
+            answer = pages[method]
+            for i in range(0, len(answer), 100):
+                sink(answer[i : i + 100])
+
+    vms = read_vms(None, Stub(), PC.FilterSpec(), page_size=1)
+    assert calls == [("RetrievePropertiesEx", None), ("ContinueRetrievePropertiesEx", "page-2")]
+    assert {ref: vm.disks for ref, vm in vms.items()} == {"vm-1": disks_of(DEVICES["vm-1"]),
+                                                          "vm-2": disks_of(DEVICES["vm-3"])}
