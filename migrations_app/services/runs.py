@@ -15,7 +15,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connections, router, transaction
@@ -182,7 +182,7 @@ class ActiveRun:
     request_id: int
     status: str
     wait_reason: str
-    dispatched_at: object  # datetime | None
+    dispatched_at: datetime | None
     worker_task_id: str
     move: admission.Move
 
