@@ -327,7 +327,7 @@ def migration_run_execute(*, run_id: int, worker: str) -> None:
     if run is None:
         return
     run = MigrationRun.objects.select_related(
-        "request__vm__connection", "request__target_host", "request__target_datastore"
+        "request__vm__connection", "request__vm__host", "request__target_host", "request__target_datastore"
     ).get(pk=run.pk)
     outcome = _Outcome()
     try:
