@@ -7,7 +7,7 @@ import os
 import tempfile
 
 ADMIN_URL = os.environ.get("BENCH_PG_ADMIN", "postgres://portal:portal@127.0.0.1:5432/portal")
-BENCH_DB = "portal_bench"
+BENCH_DB = os.environ.get("BENCH_DB", "portal_bench")  # another name lets benchmarks run side by side
 
 
 def fresh_database() -> str:

@@ -1,17 +1,24 @@
 """Compute migrations through the whole portal versus a plain pyvmomi loop, against one vcsim, in one run.
 
-    .venv/bin/python bench/portal_vcsim_throughput.py [N] [WORKERS]     # default 200 moves, 4 workers
+    .venv/bin/python bench/portal_vcsim_throughput.py [N] [WORKERS] [processes|threads]
+    # default: 200 moves, 4 workers, processes (Celery's default prefork pool)
 
 Portal path, per move: the submit service (checks, transaction, audit), the approve service (queues
 the run), then the worker's execution service (claim with SELECT FOR UPDATE, driver, numbered
-progress events, placement, audit) in WORKERS threads, as a Celery worker with a thread pool of
-that size runs them. Baseline: the same number of RelocateVM_Task + WaitForTask calls in a loop.
-Both print moves per second; the ratio says whether the portal is the bottleneck.
-Uses PostgreSQL (database portal_bench, recreated) as production does.
+progress events, placement, audit) in WORKERS worker processes (or threads), as a Celery worker of
+that concurrency runs them. Baseline: the same number of RelocateVM_Task + WaitForTask calls in a
+loop. Both print moves per second; the ratio says whether the portal is the bottleneck. It also
+prints the database queries and SOAP round trips one move costs in each step (measured on one
+move before the timed part). Django runs with DEBUG off, as deployed. Uses PostgreSQL (database
+$BENCH_DB, default portal_bench, recreated) as production does.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import resource
+import secrets
 import ssl
 import sys
 import time
@@ -24,16 +31,41 @@ sys.path.insert(0, str(ROOT))
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 WORKERS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+MODE = sys.argv[3] if len(sys.argv) > 3 else "processes"
+if MODE not in ("processes", "threads"):
+    sys.exit(f"worker mode must be processes or threads, not {MODE!r}")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _execute_in_child(run_id: int) -> None:
+    from django.db import connection
+
+    from migrations_app.services.runs import migration_run_execute
+
+    try:
+        migration_run_execute(run_id=run_id, worker=f"bench-{os.getpid()}")
+    finally:
+        connection.close()
+
+
 def main() -> None:
     from bench.django_env import django_on_fresh_database
 
+    os.environ.setdefault("DEBUG", "0")
+    os.environ.setdefault("SECRET_KEY", secrets.token_hex(32))
     django_on_fresh_database()
     from django.db import connection
+    from django.test.utils import CaptureQueriesContext
     from pyVim.connect import Disconnect, SmartConnect
     from pyVmomi import vim
 
     from bench.vcsim_relocate_baseline import plain_loop
     from bench.vcsim_sync import running_vcsim
+    from drivers import registry
     from migrations_app.choices import Role
     from migrations_app.models import Host, HypervisorConnection, MigrationRequest, VirtualMachine
     from migrations_app.services import requests as svc
@@ -42,7 +74,7 @@ def main() -> None:
     from tests.conftest import REVIEW_EVERYTHING, install_policy, make_user
 
     hosts_per_cluster = 4
-    vms_per_host = max(1, -(-N // hosts_per_cluster))
+    vms_per_host = max(1, -(-(N + 1) // hosts_per_cluster))  # one more for the measured move
     flags = ["-dc", "1", "-cluster", "1", "-host", str(hosts_per_cluster), "-standalone", "0",
              "-vm", str(vms_per_host), "-ds", "2"]
     with running_vcsim(flags) as (url, ca):
@@ -69,22 +101,52 @@ def main() -> None:
             view.Destroy()
             first = cluster.host[0]
             vm = next(v for v in first.vm if v.runtime.powerState == "poweredOn")
+            cpu = time.process_time()
             plain_s = plain_loop(vm, [first, cluster.host[1]], cluster.resourcePool, N)
+            plain_cpu_s = time.process_time() - cpu
         finally:
             Disconnect(si)
         inventory_sync(connection=conn)  # the baseline moved one VM: start from the truth
 
-        vms = list(VirtualMachine.objects.filter(connection=conn, power_state="on").select_related("host")[:N])
+        vms = list(VirtualMachine.objects.filter(connection=conn, power_state="on").select_related("host")[:N + 1])
         hosts = list(Host.objects.filter(connection=conn).order_by("name"))
-        started = time.perf_counter()
-        run_ids = []
-        for i, vm in enumerate(vms):
+
+        def submit_and_approve(i: int, vm) -> int:
             target = next(h for h in hosts[i % len(hosts):] + hosts if h.pk != vm.host_id)
             mr = svc.migration_request_submit(requester=requester, vm=vm, kind="compute", target_host=target,
                                               reason="bench")
             svc.migration_request_approve(request=mr, actor=approver)
-            run_ids.append(mr.run.pk)
-        submitted_s = time.perf_counter() - started
+            return mr.run.pk
+
+        # One move measured apart: what each step costs in queries and SOAP round trips.
+        from migrations_app.services.inventory import driver_for
+
+        driver = driver_for(conn)
+        cost = {}
+        vm = vms.pop()
+        target = next(h for h in hosts if h.pk != vm.host_id)
+        mr = None
+
+        def measured(step: str, call) -> None:
+            trips, cpu, wall = driver.round_trips, time.process_time(), time.perf_counter()
+            with CaptureQueriesContext(connection) as queries:
+                call()
+            cost[step] = (len(queries), driver.round_trips - trips, time.process_time() - cpu,
+                          time.perf_counter() - wall)
+
+        def submit_one() -> None:
+            nonlocal mr
+            mr = svc.migration_request_submit(requester=requester, vm=vm, kind="compute", target_host=target,
+                                              reason="bench")
+
+        measured("submit", submit_one)
+        measured("approve", lambda: svc.migration_request_approve(request=mr, actor=approver))
+        measured("execute", lambda: migration_run_execute(run_id=mr.run.pk, worker="bench"))
+
+        started, cpu = time.perf_counter(), time.process_time()
+        run_ids = [submit_and_approve(i, vm) for i, vm in enumerate(vms)]
+        submitted_s, submit_cpu_s = time.perf_counter() - started, time.process_time() - cpu
+        cpu, children = time.process_time(), _children_cpu_s()
 
         def work(run_id: int) -> None:
             try:
@@ -95,18 +157,32 @@ def main() -> None:
         if WORKERS == 1:
             for run_id in run_ids:  # inline: profilers see it
                 migration_run_execute(run_id=run_id, worker="bench")
-        else:
+        elif MODE == "threads":
             with ThreadPoolExecutor(WORKERS) as pool:
                 list(pool.map(work, run_ids))
+        else:
+            # As Celery's prefork pool: no database connection or vCenter session crosses the fork.
+            connection.close()
+            registry.close_all()
+            with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+                list(pool.imap_unordered(_execute_in_child, run_ids))
         portal_s = time.perf_counter() - started
-        done = MigrationRequest.objects.filter(status="succeeded").count()
+        execute_cpu_s = time.process_time() - cpu + _children_cpu_s() - children
+        done = MigrationRequest.objects.filter(status="succeeded").count() - 1  # the measured move
 
     moves = len(vms)
     print(f"moves: {moves} (portal), {N} (plain loop); portal succeeded: {done}")
+    print("one move, measured alone (queries, SOAP round trips, CPU of this process, wall):")
+    for step, (queries, trips, cpu_s, wall_s) in cost.items():
+        print(f"  {step:8} {queries:3} queries, {trips} SOAP round trips, {1000 * cpu_s:5.1f} ms CPU, "
+              f"{1000 * wall_s:5.1f} ms")
     print(f"plain pyvmomi loop:  {N / plain_s:7.1f} relocations/s  ({plain_s:.2f} s)")
-    print(f"portal, {WORKERS} workers:  {moves / portal_s:7.1f} migrations/s  ({portal_s:.2f} s, "
-          f"of which submit+approve {submitted_s:.2f} s)")
+    print(f"portal, {WORKERS} worker {MODE}:  {moves / portal_s:7.1f} migrations/s  ({portal_s:.2f} s, "
+          f"of which submit+approve {submitted_s:.2f} s, i.e. {1000 * submitted_s / moves:.1f} ms a move)")
     print(f"ratio portal/plain:  {(moves / portal_s) / (N / plain_s):7.2f}")
+    print(f"CPU of the Python side per move (PostgreSQL and vcsim not counted): plain loop "
+          f"{1000 * plain_cpu_s / N:.1f} ms; portal {1000 * (submit_cpu_s + execute_cpu_s) / moves:.1f} ms "
+          f"(submit+approve {1000 * submit_cpu_s / moves:.1f}, execution {1000 * execute_cpu_s / moves:.1f})")
 
 
 if __name__ == "__main__":

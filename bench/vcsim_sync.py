@@ -1,5 +1,9 @@
 """Inventory sync against a 10,000-VM vcsim: how long VCenterDriver.inventory() takes and how many
-SOAP round trips it needs.
+SOAP round trips it needs, where the time goes (the VMs decoded by pyvmomi, as before, against
+the streamed read the driver uses now; the other objects), and the portal's
+database write of the result (first sync into an empty database, then an unchanged one) and
+inventory_sync end to end. The portal part uses PostgreSQL (database $BENCH_DB, default
+portal_bench, recreated).
 
     .venv/bin/python bench/vcsim_sync.py              # starts its own vcsim (~12 s), stops it after
     VCSIM_URL=https://user:pass@127.0.0.1:PORT/sdk VCSIM_CA=lab/run/vcsim/cert.pem \\
@@ -66,22 +70,81 @@ def driver_for(url: str, ca_pem: str) -> VCenterDriver:
     )
 
 
+def _timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def driver_parts(driver: VCenterDriver) -> None:
+    """The two retrievals of an inventory read, apart, and the VMs decoded by pyvmomi as before."""
+    from pyVmomi import vim
+
+    from drivers.vmware.inventory import _INVENTORY_PROPS, _VM_PROPS, PC, retrieve
+    from drivers.vmware.vm_listing import read_vms
+
+    session = driver._session
+    over_view = PC.ObjectSpec(
+        obj=session.view, skip=True, selectSet=[PC.TraversalSpec(type=vim.view.ContainerView, path="view")]
+    )
+    vms = PC.FilterSpec(objectSet=[over_view], propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=_VM_PROPS)])
+    others = PC.FilterSpec(
+        objectSet=[over_view], propSet=[PC.PropertySpec(type=t, pathSet=p) for t, p in _INVENTORY_PROPS.items()]
+    )
+    collector = session.content.propertyCollector
+    decoded, old_s = _timed(lambda: retrieve(session, [vms], page_size=driver.page_size))
+    streamed, new_s = _timed(lambda: read_vms(collector, collector._stub, vms, page_size=driver.page_size))
+    _, others_s = _timed(lambda: retrieve(session, [others], page_size=driver.page_size))
+    print(f"  VMs (with their device lists) decoded by pyvmomi (before): {old_s:6.2f} s ({len(decoded)} VMs)")
+    print(f"  VMs streamed, disks only (now):                            {new_s:6.2f} s ({len(streamed)} VMs, "
+          f"{sum(len(vm.disks) for vm in streamed.values())} disks)")
+    print(f"  hosts, datastores, clusters, folders decoded by pyvmomi:   {others_s:6.2f} s")
+
+
+def portal_write(url: str, ca_pem: str, inv) -> None:
+    """The portal's side: the database write of the inventory, and inventory_sync end to end."""
+    from bench.django_env import django_on_fresh_database
+
+    django_on_fresh_database()
+    from django.db import transaction
+
+    from migrations_app.models import HypervisorConnection
+    from migrations_app.services.inventory import _mirror, inventory_sync
+
+    parts = urlsplit(url)
+    conn = HypervisorConnection(name="bench", kind="vcenter", url=f"https://{parts.hostname}:{parts.port}{parts.path}",
+                                username=parts.username or "", ca_bundle=ca_pem, is_lab=not ca_pem)
+    conn.set_password(parts.password or "")
+    conn.save()
+    for label in ("first sync, empty database", "unchanged inventory"):
+        def write():
+            with transaction.atomic():
+                return _mirror(conn, inv)
+
+        _, write_s = _timed(write)
+        print(f"portal database write, {label}: {write_s:6.2f} s")
+    counts, sync_s = _timed(lambda: inventory_sync(connection=conn))
+    print(f"inventory_sync end to end (own login, fetch, write, audit): {sync_s:6.2f} s, {counts['vms']} VMs")
+
+
 def main() -> None:
     with running_vcsim() as (url, ca_pem):
         driver = driver_for(url, ca_pem)
         try:
+            inv = None
             for label in ("cold (login + container view)", "warm (session reused)"):
                 before = driver.round_trips
-                started = time.perf_counter()
-                inv = driver.inventory()
-                elapsed = time.perf_counter() - started
+                inv, elapsed = _timed(driver.inventory)
                 print(
-                    f"inventory {label}: {elapsed:.2f} s, {len(inv.vms)} VMs, {len(inv.hosts)} hosts, "
+                    f"inventory {label}: {elapsed:.2f} s, {len(inv.vms)} VMs "
+                    f"({sum(len(vm.disks) for vm in inv.vms)} disks), {len(inv.hosts)} hosts, "
                     f"{len(inv.datastores)} datastores, {len(inv.clusters)} clusters, "
                     f"{driver.round_trips - before} SOAP round trips"
                 )
+            driver_parts(driver)
         finally:
             driver.close()
+        portal_write(url, ca_pem, inv)
 
 
 if __name__ == "__main__":

@@ -71,10 +71,21 @@ def request_changed_payload(request) -> dict:
 
 def emit(group: str, payload: dict) -> None:
     """Send one notification to a group. Never raises: a lost push is caught up from stored events."""
+    emit_many([(group, payload)])
+
+
+def emit_many(messages: list[tuple[str, dict]]) -> None:
+    """Send notifications to groups in one hop into the channel layer's event loop (each hop
+    costs a loop, and with Redis a connection). Never raises, like ``emit``."""
     layer = get_channel_layer()
-    if layer is None:
+    if layer is None or not messages:
         return
+
+    async def send_all() -> None:
+        for group, payload in messages:
+            await layer.group_send(group, {"type": RELAY_TYPE, "group": group, "payload": payload})
+
     try:
-        async_to_sync(layer.group_send)(group, {"type": RELAY_TYPE, "group": group, "payload": payload})
+        async_to_sync(send_all)()
     except (OSError, RedisError) as exc:  # Redis down: the page catches up later
-        log.warning("live push to %s failed: %s", group, exc)
+        log.warning("live push to %s failed: %s", ", ".join(g for g, _ in messages), exc)

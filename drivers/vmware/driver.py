@@ -29,7 +29,15 @@ from drivers.base import (
     TaskState,
 )
 from drivers.vmware.faults import _translated, fault_text
-from drivers.vmware.inventory import PC, props_of, read_inventory, read_placement, retrieve
+from drivers.vmware.inventory import (
+    PC,
+    PLACEMENT_PATHS,
+    placement_of,
+    props_of,
+    read_inventory,
+    read_placement,
+    retrieve,
+)
 from drivers.vmware.moves import MoveFacts, assess_move, read_move_facts, relocate_spec
 from drivers.vmware.session import (
     DEFAULT_API_VERSION,
@@ -46,6 +54,7 @@ from drivers.vmware.tasks import (
     _ProgressReporter,
     _task_spec,
     _TaskEnd,
+    abort_reason,
     follow_task,
     progress_percent,
     task_state,
@@ -277,15 +286,21 @@ class VCenterDriver(Driver):
         def on_task_progress(value: int | None) -> None:
             progress(phase, progress_percent(value, progress.percent), task_id=task_id)
 
-        end = self._run(
-            lambda s: self._follow(
-                s, task, started=started, timeout_s=spec.timeout_s, cancel=cancel, on_progress=on_task_progress
+        at_once = self._run(lambda s: self._ended_at_once(s, task, spec, started=started, cancel=cancel))
+        placement = None
+        if at_once is not None:
+            end, placement = at_once
+        else:
+            end = self._run(
+                lambda s: self._follow(
+                    s, task, started=started, timeout_s=spec.timeout_s, cancel=cancel, on_progress=on_task_progress
+                )
             )
-        )
         if end.state != "success":
             raise self._unsuccessful(end, task_id, facts.vm.name, spec)
 
-        placement = self._run(lambda s: self._placement(s, spec.vm_ref))
+        if placement is None:
+            placement = self._run(lambda s: self._placement(s, spec.vm_ref))
         message = f"VM {facts.vm.name} moved"
         if end.aborted:
             message += f" (the {end.aborted} came too late: vCenter no longer allowed cancelling the task)"
@@ -295,6 +310,36 @@ class VCenterDriver(Driver):
         )
 
     _unsuccessful = staticmethod(unsuccessful)
+
+    def _ended_at_once(
+        self, session: _Session, task: Any, spec: MigrationSpec, *, started: float, cancel: threading.Event
+    ) -> tuple[_TaskEnd, Placement | None] | None:
+        """One read of the task and the VM together. A task that ended inside the call that started
+        it (vcsim's always do; a small move on vCenter may) needs no filter and no wait, and the VM's
+        placement comes with it: the move costs the round trips of a plain script. None when the
+        task is still running (then it is followed as usual)."""
+        vm = vim.VirtualMachine(spec.vm_ref, self._stub)
+        both = PC.FilterSpec(
+            objectSet=[PC.ObjectSpec(obj=task), PC.ObjectSpec(obj=vm)],
+            propSet=[
+                PC.PropertySpec(type=vim.Task, pathSet=TASK_PATHS),
+                PC.PropertySpec(type=vim.VirtualMachine, pathSet=PLACEMENT_PATHS),
+            ],
+        )
+        objects = retrieve(session, [both], page_size=self.page_size)
+        info = next((props_of(o) for o in objects if isinstance(o.obj, vim.Task)), {})
+        state = info.get("info.state")
+        if state not in ("success", "error"):
+            return None
+        # As follow_task reports it: a cancel or timeout seen after the end still says it came late.
+        aborted = abort_reason(
+            cancel_requested=cancel.is_set(), elapsed_s=time.monotonic() - started, timeout_s=spec.timeout_s
+        )
+        end = _TaskEnd(state=state, error=info.get("info.error"), aborted=aborted)
+        if state != "success":
+            return end, None
+        vm_props = next((props_of(o) for o in objects if isinstance(o.obj, vim.VirtualMachine)), {})
+        return end, placement_of(spec.vm_ref, vm_props)
 
     def _follow(
         self,

@@ -23,6 +23,7 @@ from drivers.base import (
     VirtualMachine,
 )
 from drivers.vmware.session import _Session
+from drivers.vmware.vm_listing import DEVICE_PATH, VmRecord, read_vms
 
 PC = vmodl.query.PropertyCollector
 KiB = 1024
@@ -45,19 +46,20 @@ _INVENTORY_PROPS = {
     ],
     vim.Datastore: ["name", "summary.capacity", "summary.freeSpace", "summary.accessible", "host"],
     vim.Network: ["name", "host"],
-    vim.VirtualMachine: [
-        "name",
-        "parent",
-        "resourcePool",
-        "runtime.host",
-        "runtime.powerState",
-        "config.template",
-        "config.hardware.memoryMB",
-        "config.hardware.numCPU",
-        "config.hardware.device",
-        "customValue",
-    ],
 }
+# The VMs' properties, read by vm_listing (not decoded by pyvmomi): see there why.
+_VM_PROPS = [
+    "name",
+    "parent",
+    "resourcePool",
+    "runtime.host",
+    "runtime.powerState",
+    "config.template",
+    "config.hardware.memoryMB",
+    "config.hardware.numCPU",
+    "customValue",
+    DEVICE_PATH,
+]
 
 
 def retrieve(session: _Session, specs: list, *, page_size: int) -> list:
@@ -82,35 +84,49 @@ def props_of(content: Any) -> dict[str, Any]:
 
 
 def read_inventory(session: _Session, *, page_size: int) -> Inventory:
-    """The whole inventory in one retrieval over a container view (created on the session's
-    first call and kept with it)."""
+    """The whole inventory over a container view (created on the session's first call and kept
+    with it): one retrieval of the VMs read by ``vm_listing``, one of everything else (and the
+    custom attribute definitions) decoded by pyvmomi."""
     content = session.content
     if session.view is None:
         session.view = content.viewManager.CreateContainerView(
-            container=content.rootFolder, type=list(_INVENTORY_PROPS), recursive=True
+            container=content.rootFolder, type=[*_INVENTORY_PROPS, vim.VirtualMachine], recursive=True
         )
-    object_specs = [
-        PC.ObjectSpec(
-            obj=session.view, skip=True, selectSet=[PC.TraversalSpec(type=vim.view.ContainerView, path="view")]
-        )
-    ]
+    over_view = PC.ObjectSpec(
+        obj=session.view, skip=True, selectSet=[PC.TraversalSpec(type=vim.view.ContainerView, path="view")]
+    )
+    object_specs = [over_view]
     prop_specs = [PC.PropertySpec(type=t, pathSet=paths) for t, paths in _INVENTORY_PROPS.items()]
     if content.customFieldsManager is not None:
         # The custom attribute definitions ride along in the same request.
         object_specs.append(PC.ObjectSpec(obj=content.customFieldsManager))
         prop_specs.append(PC.PropertySpec(type=vim.CustomFieldsManager, pathSet=["field"]))
     objects = retrieve(session, [PC.FilterSpec(objectSet=object_specs, propSet=prop_specs)], page_size=page_size)
-    return _InventoryBuilder(objects).build()
+    collector = content.propertyCollector
+    vms = read_vms(
+        collector,
+        collector._stub,
+        PC.FilterSpec(objectSet=[over_view], propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=_VM_PROPS)]),
+        page_size=page_size,
+    )
+    return _InventoryBuilder(objects, vms).build()
+
+
+PLACEMENT_PATHS = ["runtime.host", "config.hardware.device"]
 
 
 def read_placement(session: _Session, vm_ref: str, *, stub: Any, page_size: int) -> Placement:
     """Where a VM runs now: its host and the datastore of each disk."""
     spec = PC.FilterSpec(
         objectSet=[PC.ObjectSpec(obj=vim.VirtualMachine(vm_ref, stub))],
-        propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=["runtime.host", "config.hardware.device"])],
+        propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=PLACEMENT_PATHS)],
     )
     objects = retrieve(session, [spec], page_size=page_size)
-    props = props_of(objects[0]) if objects else {}
+    return placement_of(vm_ref, props_of(objects[0]) if objects else {})
+
+
+def placement_of(vm_ref: str, props: Mapping[str, Any]) -> Placement:
+    """A VM's placement from its PLACEMENT_PATHS properties."""
     host = props.get("runtime.host")
     if host is None:
         raise NotFound(f"VM {vm_ref} has no host in vCenter (it is being created, or orphaned)")
@@ -150,7 +166,8 @@ def _mounted_hosts(mounts: Iterable[Any] | None) -> tuple[str, ...]:
 class _InventoryBuilder:
     """Turns the ObjectContents of one inventory retrieval into the portal's Inventory."""
 
-    def __init__(self, objects: list):
+    def __init__(self, objects: list, vms: Mapping[str, VmRecord]):
+        self.vms = vms
         self.objects = [(o.obj, {p.name: p.val for p in o.propSet or ()}) for o in objects]
         self.props = {obj._moId: props for obj, props in self.objects}
         self.kind = {obj._moId: obj for obj, _ in self.objects}
@@ -166,10 +183,9 @@ class _InventoryBuilder:
             ref = parent._moId if parent is not None else ""
         return ""
 
-    def _folder_path(self, folder: Any) -> str:
+    def _folder_path(self, ref: str) -> str:
         """The VM folder's inventory path, "/DC0/vm/team-web" (govc's notation)."""
         names = []
-        ref = folder._moId if folder is not None else ""
         while ref:
             props = self.props.get(ref, {})
             names.append(props.get("name", ref))
@@ -220,30 +236,30 @@ class _InventoryBuilder:
                 )
             elif isinstance(obj, vim.Network):
                 networks.append(Network(ref, props.get("name", ref), tuple(h._moId for h in props.get("host") or ())))
-            elif isinstance(obj, vim.VirtualMachine):
-                vm = self._vm(ref, props, fields)
-                if vm is not None:
-                    vms.append(vm)
+        for ref, record in self.vms.items():
+            vm = self._vm(ref, record, fields)
+            if vm is not None:
+                vms.append(vm)
         return Inventory(
             tuple(datacenters), tuple(clusters), tuple(hosts), tuple(datastores), tuple(networks), tuple(vms)
         )
 
-    def _vm(self, ref: str, props: dict[str, Any], fields: Mapping[int, str]) -> VirtualMachine | None:
+    def _vm(self, ref: str, record: VmRecord, fields: Mapping[int, str]) -> VirtualMachine | None:
+        props = record.props
         host = props.get("runtime.host")
-        if host is None or props.get("config.template") or "config.hardware.numCPU" not in props:
+        if not host or props.get("config.template") or "config.hardware.numCPU" not in props:
             return None  # templates, VMs being created, orphaned VMs: nothing to migrate
-        values = {fields[v.key]: v.value for v in props.get("customValue") or () if v.key in fields and v.value}
-        pool = props.get("resourcePool")
+        values = {fields[key]: value for key, value in props.get("customValue") or () if key in fields and value}
         return VirtualMachine(
             ref=ref,
             name=props.get("name", ref),
-            host_ref=host._moId,
+            host_ref=host,
             power_state=_POWER.get(str(props.get("runtime.powerState")), PowerState.OFF),
             memory_bytes=int(props.get("config.hardware.memoryMB") or 0) * MiB,
             vcpus=int(props.get("config.hardware.numCPU") or 0),
-            disks=disks_of(props.get("config.hardware.device")),
+            disks=record.disks,
             owner=values.pop(OWNER_FIELD, ""),
             tags=tuple(f"{name}:{value}" for name, value in sorted(values.items())),
-            folder=self._folder_path(props.get("parent")),
-            pool_ref=pool._moId if pool is not None else "",
+            folder=self._folder_path(props.get("parent") or ""),
+            pool_ref=props.get("resourcePool") or "",
         )

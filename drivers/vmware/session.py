@@ -3,16 +3,19 @@ and the login, again after vCenter expired the session."""
 
 from __future__ import annotations
 
+import io
 import logging
 import queue
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from pyVmomi import SoapStubAdapter, vim, vmodl
+from pyVmomi.SoapAdapter import SoapResponseDeserializer
 
 from drivers.base import ConnectionConfig, ConnectionFailed
 from drivers.vmware.faults import _CONNECTION_ERRORS
@@ -24,6 +27,7 @@ T = TypeVar("T")
 # The wire API version the driver speaks. vSphere 6.5 has every call used here and every
 # supported vCenter (6.5 to 8.x, and vcsim) serves it; pinning it saves a version probe.
 DEFAULT_API_VERSION = "vim25/6.5"
+_CHUNK = 1 << 20  # bytes read at a time from a streamed answer
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,36 @@ class _CountingStub(SoapStubAdapter):
         with self._count_lock:
             self.round_trips += 1
         return super().InvokeMethod(mo, info, args, outerStub)
+
+    def invoke_streamed(self, mo: Any, method: str, args: list, sink: Callable[[bytes], None]) -> None:
+        """Call ``method`` on ``mo`` and hand the SOAP answer to ``sink`` undecoded, chunk by chunk
+        as it arrives, for the one answer too large for pyvmomi's decoder (the VMs' device lists).
+        A fault is decoded and raised as InvokeMethod raises it."""
+        info = mo._GetMethodInfo(method)
+        headers = {"Cookie": self.cookie, "SOAPAction": self.versionId, "Content-Type": "text/xml; charset=UTF-8"}
+        body = self.SerializeRequest(mo, info, args)
+        with self._count_lock:
+            self.round_trips += 1
+        conn = self.GetConnection()
+        try:
+            conn.request("POST", self.path, body, headers)
+            resp = conn.getresponse()
+            if resp.status == 200:
+                while chunk := resp.read(_CHUNK):
+                    sink(chunk)
+                answer = b""
+            else:
+                answer = resp.read()
+        except BaseException:
+            # A broken connection, or a sink that refused the answer half-read: never reuse it.
+            conn.close()
+            self.DropConnections()
+            raise
+        self.ReturnConnection(conn)
+        if resp.status == 500:
+            raise SoapResponseDeserializer(self).Deserialize(io.BytesIO(answer), info.result)
+        if resp.status != 200:
+            raise HTTPException(f"{resp.status} {resp.reason}")
 
 
 @dataclass

@@ -186,11 +186,11 @@ class VirtualMachine(models.Model):
         return {d.datastore_id for d in self.disks.all()}
 
     def placement_snapshot(self) -> dict:
-        """Host and per-disk datastores by name, as recorded in audit entries."""
-        return {
-            "host": self.host.name,
-            "disks": {d.key: d.datastore.name for d in self.disks.select_related("datastore")},
-        }
+        """Host and per-disk datastores by name, as recorded in audit entries (from the disks
+        prefetched with their datastores when they were, else in one query)."""
+        prefetched = "disks" in getattr(self, "_prefetched_objects_cache", {})
+        disks = self.disks.all() if prefetched else self.disks.select_related("datastore")
+        return {"host": self.host.name, "disks": {d.key: d.datastore.name for d in disks}}
 
 
 class VirtualDisk(models.Model):

@@ -89,6 +89,75 @@ def _upsert(model, lookup: dict, values: dict, existing: dict):
     return obj
 
 
+# Rows written per statement by the bulk writes of VMs and disks.
+_BATCH = 1000
+
+
+def _changed_fields(obj, values: dict) -> list[str]:
+    """Set the values that differ on obj (foreign keys given as ``<name>_id``); their names."""
+    changed = [k for k, v in values.items() if getattr(obj, k) != v]
+    for k in changed:
+        setattr(obj, k, values[k])
+    return changed
+
+
+def _bulk_update(model, changed: dict) -> None:
+    """One UPDATE per set of changed fields and batch (after a move, typically just ``host_id``)."""
+    by_fields: dict[tuple[str, ...], list] = {}
+    for obj, fields in changed.values():
+        by_fields.setdefault(tuple(sorted(fields)), []).append(obj)
+    for fields, objs in by_fields.items():
+        model.objects.bulk_update(objs, fields, batch_size=_BATCH)
+
+
+def _mirror_vms(conn: HypervisorConnection, inv: drv.Inventory, hosts: dict, stores: dict) -> None:
+    """VMs and their disks, written in bulk: new rows inserted in batches, changed rows updated
+    (only the fields that changed), nothing written for what did not change. Foreign keys are
+    compared by id, so nothing is loaded row by row."""
+    groups = {g.name: g for g in Group.objects.all()}
+    vms = {v.ref: v for v in VirtualMachine.objects.filter(connection=conn)}
+    new_vms, changed_vms = [], {}
+    for v in inv.vms:
+        owner_id = None
+        if v.owner:
+            if v.owner not in groups:
+                groups[v.owner] = Group.objects.create(name=v.owner)
+            owner_id = groups[v.owner].pk
+        values = {"name": v.name, "host_id": hosts[v.host_ref].pk, "power_state": v.power_state.value,
+                  "memory_bytes": v.memory_bytes, "vcpus": v.vcpus, "owner_group_id": owner_id, "tags": list(v.tags),
+                  "folder": v.folder, "present": True}
+        vm = vms.get(v.ref)
+        if vm is None:
+            vms[v.ref] = vm = VirtualMachine(connection=conn, ref=v.ref, **values)
+            new_vms.append(vm)
+        elif fields := _changed_fields(vm, values):
+            changed_vms[vm.pk] = (vm, fields)
+    VirtualMachine.objects.bulk_create(new_vms, batch_size=_BATCH)  # sets their pks (PostgreSQL, SQLite)
+    _bulk_update(VirtualMachine, changed_vms)
+
+    have: dict[tuple[int, str], VirtualDisk] = {
+        (d.vm_id, d.key): d for d in VirtualDisk.objects.filter(vm__connection=conn)
+    }
+    new_disks, changed_disks = [], {}
+    for v in inv.vms:
+        vm_id = vms[v.ref].pk
+        for d in v.disks:
+            values = {"label": d.label, "datastore_id": stores[d.datastore_ref].pk, "capacity_bytes": d.capacity_bytes,
+                      "path": d.path}
+            disk = have.pop((vm_id, d.key), None)
+            if disk is None:
+                new_disks.append(VirtualDisk(vm_id=vm_id, key=d.key, **values))
+            elif fields := _changed_fields(disk, values):
+                changed_disks[disk.pk] = (disk, fields)
+    # The disks of VMs still reported that no longer have them; a VM gone keeps its rows.
+    reported = {vms[v.ref].pk for v in inv.vms}
+    dropped = [d.pk for (vm_id, _), d in have.items() if vm_id in reported]
+    if dropped:
+        VirtualDisk.objects.filter(pk__in=dropped).delete()
+    VirtualDisk.objects.bulk_create(new_disks, batch_size=_BATCH)
+    _bulk_update(VirtualDisk, changed_disks)
+
+
 def _mirror(conn: HypervisorConnection, inv: drv.Inventory) -> dict:
     dcs = {d.ref: d for d in Datacenter.objects.filter(connection=conn)}
     for d in inv.datacenters:
@@ -134,40 +203,7 @@ def _mirror(conn: HypervisorConnection, inv: drv.Inventory) -> dict:
         obj = _upsert(Network, {"connection": conn, "ref": n.ref}, {"name": n.name}, nets)
         obj.hosts.set([hosts[r] for r in n.host_refs if r in hosts])
 
-    groups = {g.name: g for g in Group.objects.all()}
-    vms = {v.ref: v for v in VirtualMachine.objects.filter(connection=conn)}
-    disks_by_vm: dict[int, dict[str, VirtualDisk]] = {}
-    for disk in VirtualDisk.objects.filter(vm__connection=conn):
-        disks_by_vm.setdefault(disk.vm_id, {})[disk.key] = disk
-    for v in inv.vms:
-        owner = None
-        if v.owner:
-            owner = groups.get(v.owner)
-            if owner is None:
-                owner = groups[v.owner] = Group.objects.create(name=v.owner)
-        vm = _upsert(
-            VirtualMachine,
-            {"connection": conn, "ref": v.ref},
-            {"name": v.name, "host": hosts[v.host_ref], "power_state": v.power_state.value,
-             "memory_bytes": v.memory_bytes, "vcpus": v.vcpus, "owner_group": owner, "tags": list(v.tags),
-             "folder": v.folder, "present": True},
-            vms,
-        )
-        have = disks_by_vm.get(vm.pk, {})
-        for d in v.disks:
-            values = {"label": d.label, "datastore": stores[d.datastore_ref], "capacity_bytes": d.capacity_bytes,
-                      "path": d.path}
-            disk = have.pop(d.key, None)
-            if disk is None:
-                VirtualDisk.objects.create(vm=vm, key=d.key, **values)
-            else:
-                changed = [k for k, val in values.items() if getattr(disk, k) != val]
-                for k in changed:
-                    setattr(disk, k, values[k])
-                if changed:
-                    disk.save(update_fields=changed)
-        if have:
-            VirtualDisk.objects.filter(pk__in=[d.pk for d in have.values()]).delete()
+    _mirror_vms(conn, inv, hosts, stores)
     gone = VirtualMachine.objects.filter(connection=conn, present=True).exclude(ref__in={v.ref for v in inv.vms})
     gone_count = gone.update(present=False)
     return {

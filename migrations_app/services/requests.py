@@ -35,9 +35,9 @@ def set_status(request: MigrationRequest, target: str) -> str:
 def notify_request_changed(request: MigrationRequest) -> None:
     """After commit: tell the requester's pages and the approvers' queue that this request changed."""
     payload = events.request_changed_payload(request)
-    transaction.on_commit(lambda: events.emit(events.request_group(request.pk), payload))
-    transaction.on_commit(lambda: events.emit(events.user_requests_group(request.requester_id), payload))
-    transaction.on_commit(lambda: events.emit(events.approvals_group(), payload))
+    groups = [events.request_group(request.pk), events.user_requests_group(request.requester_id),
+              events.approvals_group()]
+    transaction.on_commit(lambda: events.emit_many([(group, payload) for group in groups]))
 
 
 def _lock(request: MigrationRequest) -> MigrationRequest:

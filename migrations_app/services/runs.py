@@ -15,11 +15,11 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, transaction
-from django.db.models import F
+from django.db import DatabaseError, close_old_connections, connections, router, transaction
+from django.db.models import F, Prefetch, Q, sql
 from django.utils import timezone
 
 from drivers import base as drv
@@ -54,8 +54,7 @@ def append_run_event(run: MigrationRun, *, status: str, message: str = "", run_f
     The sequence number comes from an UPDATE on the run row, so two writers (worker and a cancel
     from the web) never take the same number; ``run_fields`` are written by that same UPDATE.
     """
-    MigrationRun.objects.filter(pk=run.pk).update(last_seq=F("last_seq") + 1, **(run_fields or {}))
-    seq = MigrationRun.objects.filter(pk=run.pk).values_list("last_seq", flat=True).get()
+    seq = _next_seq(run.pk, run_fields or {})
     run.last_seq = seq
     event = RunEvent.objects.create(
         run=run,
@@ -73,6 +72,26 @@ def append_run_event(run: MigrationRun, *, status: str, message: str = "", run_f
     payload = events.run_event_payload(event)
     transaction.on_commit(lambda: events.emit(events.run_group(run.pk), payload))
     return event
+
+
+def _next_seq(run_id: int, run_fields: dict) -> int:
+    """Take the run's next event number (and write ``run_fields``) in one UPDATE ... RETURNING
+    where the database has it (PostgreSQL; SQLite from 3.35), else an UPDATE and a read back."""
+    updates = {"last_seq": F("last_seq") + 1, **run_fields}
+    db = connections[router.db_for_write(MigrationRun)]
+    if not db.features.can_return_columns_from_insert:
+        MigrationRun.objects.filter(pk=run_id).update(**updates)
+        return MigrationRun.objects.filter(pk=run_id).values_list("last_seq", flat=True).get()
+    query = sql.UpdateQuery(MigrationRun)
+    query.add_update_values(updates)
+    query.add_q(Q(pk=run_id))
+    text, params = query.get_compiler(connection=db).as_sql()
+    with db.cursor() as cursor:
+        cursor.execute(f"{text} RETURNING {db.ops.quote_name('last_seq')}", params)
+        row = cursor.fetchone()
+    if row is None:
+        raise MigrationRun.DoesNotExist(f"run {run_id} does not exist")
+    return row[0]
 
 
 # -- queueing ---------------------------------------------------------------------------------
@@ -165,32 +184,63 @@ class _Outcome:
     traceback: str = ""
 
 
-def _as_move(run: MigrationRun) -> admission.Move:
-    request = run.request
-    return admission.Move(
-        id=request.pk,
-        kind=request.kind,
-        source_host=request.vm.host.name,
-        target_host=request.target_host.name if request.target_host_id else None,
-        datastores=frozenset(d.datastore.name for d in request.vm.disks.all()),
-        target_datastore=request.target_datastore.name if request.target_datastore_id else None,
-        order=run.pk,
-    )
+@dataclass(frozen=True)
+class ActiveRun:
+    """A queued or running run as admission control sees it: the columns it needs, read in one
+    query (no model instances: a claim decides on every run ahead of it, often)."""
+
+    pk: int
+    request_id: int
+    status: str
+    wait_reason: str
+    dispatched_at: datetime | None
+    worker_task_id: str
+    move: admission.Move
 
 
-def admission_decision(connection) -> tuple[admission.Decision, dict[int, MigrationRun]]:
-    """Admission control over one connection's running and queued runs (queued in arrival order)."""
-    runs = list(
-        MigrationRun.objects.filter(
-            request__vm__connection=connection, request__status__in=[S.QUEUED, S.RUNNING, S.CANCELLING]
+_ACTIVE_RUN_COLUMNS = (
+    "pk", "request_id", "request__status", "request__kind", "request__vm_id", "request__vm__host__name",
+    "request__target_host__name", "request__target_datastore__name", "wait_reason", "dispatched_at", "worker_task_id",
+)
+
+
+def _active_runs(runs) -> list[ActiveRun]:
+    rows = list(runs.order_by("pk").values_list(*_ACTIVE_RUN_COLUMNS))
+    stores: dict[int, set[str]] = {}
+    if rows:
+        disks = VirtualDisk.objects.filter(vm_id__in={row[4] for row in rows}).values_list("vm_id", "datastore__name")
+        for vm_id, name in disks:
+            stores.setdefault(vm_id, set()).add(name)
+    out = []
+    for pk, request_id, status, kind, vm_id, host, target_host, target_store, wait_reason, dispatched_at, task in rows:
+        move = admission.Move(
+            id=request_id,
+            kind=kind,
+            source_host=host,
+            target_host=target_host,
+            datastores=frozenset(stores.get(vm_id, ())),
+            target_datastore=target_store,
+            order=pk,  # line order is arrival at one priority (admission_decision's up_to relies on it)
         )
-        .select_related("request__vm__host", "request__target_host", "request__target_datastore")
-        .prefetch_related("request__vm__disks__datastore")
-        .order_by("pk")
+        out.append(ActiveRun(pk, request_id, status, wait_reason, dispatched_at, task, move))
+    return out
+
+
+def admission_decision(connection, *, up_to: int | None = None) -> tuple[admission.Decision, dict[int, ActiveRun]]:
+    """Admission control over one connection's running and queued runs (queued in arrival order).
+    ``up_to`` (a run id) leaves out the queued runs behind that one in line: a queued move is
+    judged against the running ones and those ahead of it only, so the decision on it is the same,
+    and a claim does not read the whole queue (which made a long queue quadratic)."""
+    runs = MigrationRun.objects.filter(
+        request__vm__connection=connection, request__status__in=[S.QUEUED, S.RUNNING, S.CANCELLING]
     )
-    by_request = {r.request_id: r for r in runs}
-    running = [_as_move(r) for r in runs if r.request.status != S.QUEUED]
-    queued = [_as_move(r) for r in runs if r.request.status == S.QUEUED]
+    if up_to is not None:
+        # Line order is arrival (run id) at one priority: see _active_runs.
+        runs = runs.exclude(request__status=S.QUEUED, pk__gt=up_to)
+    active = _active_runs(runs)
+    by_request = {r.request_id: r for r in active}
+    running = [r.move for r in active if r.status != S.QUEUED]
+    queued = [r.move for r in active if r.status == S.QUEUED]
     limits = admission.Limits.for_connection(connection.kind, connection.options)
     return admission.admit(running, queued, limits), by_request
 
@@ -200,6 +250,11 @@ def dispatch_admissible(connection_id: int) -> int:
     (after a run finishes, and from the scheduler). The worker's claim decides again under lock."""
     from migrations_app.models import HypervisorConnection
 
+    held_back = MigrationRun.objects.filter(
+        request__vm__connection_id=connection_id, request__status=S.QUEUED, dispatched_at__isnull=True
+    ).exclude(wait_reason="")
+    if not held_back.exists():
+        return 0  # only held-back runs are sent again: none, nothing to decide
     connection = HypervisorConnection.objects.get(pk=connection_id)
     decision, by_request = admission_decision(connection)
     now = timezone.now()
@@ -246,7 +301,7 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
                 append_run_event(run, status=request.status, message=f"waiting: {not_yet}")
             run.save(update_fields=["wait_reason", "dispatched_at"])
             return None
-        decision, _ = admission_decision(connection)
+        decision, _ = admission_decision(connection, up_to=run.pk)
         if request.pk in decision.waiting:
             why = f"{decision.waiting[request.pk]} (place {decision.place[request.pk]} in line)"
             run.dispatched_at = None  # its message is consumed: dispatch_admissible sends a new one
@@ -263,9 +318,10 @@ def _claim(run_id: int, worker: str) -> MigrationRun | None:
         run.heartbeat_at = now
         run.phase = Phase.PRECHECK
         run.save(update_fields=["worker", "started_at", "heartbeat_at", "phase", "wait_reason"])
+        append_run_event(run, status=request.status, message=f"started by {worker}")
+        # The audit append last: it holds the chain's lock (every audited action waits on it) until commit.
         audit_record(actor=None, action=AuditAction.RUN_STARTED, request=request, object_type="migration_run",
                      object_id=str(run.pk), before=request.source_placement, data={"worker": worker})
-        append_run_event(run, status=request.status, message=f"started by {worker}")
         notify_request_changed(request)
         notifications.notify(request, NotificationCategory.RUN_STARTED, occasion=f"run-{run.pk}")
     return run
@@ -295,7 +351,7 @@ def migration_run_execute(*, run_id: int, worker: str) -> None:
     if run is None:
         return
     run = MigrationRun.objects.select_related(
-        "request__vm__connection", "request__target_host", "request__target_datastore"
+        "request__vm__connection", "request__vm__host", "request__target_host", "request__target_datastore"
     ).get(pk=run.pk)
     outcome = _Outcome()
     try:
@@ -372,11 +428,23 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
             item = updates.get(timeout=max(0.0, next_beat - time.monotonic()))
         except queue.Empty:
             item = None
-        if item is _FINISHED:
-            break
+        # Take whatever else the driver has sent meanwhile, so that a move that ends at once (a
+        # burst of phase changes) is stored in one transaction rather than one per update.
+        batch = [] if item is None else [item]
+        while batch and batch[-1] is not _FINISHED:
+            try:
+                batch.append(updates.get_nowait())
+            except queue.Empty:
+                break
+        finished = bool(batch) and batch[-1] is _FINISHED
+        due = False
+        for update in batch[:-1] if finished else batch:
+            due = recorder.offer(update) or due
+        if finished:
+            break  # the last updates are stored after the join below
         try:
-            if item is not None:
-                recorder.offer(item)
+            if due:
+                recorder.flush()
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + heartbeat_s
                 recorder.flush()
@@ -413,30 +481,59 @@ def _heartbeat(run: MigrationRun) -> str:
 
 
 class _ProgressRecorder:
-    """Stores driver progress as numbered events: every phase change, else at most one per interval."""
+    """Stores driver progress as numbered events: every phase change, else at most one per interval.
+
+    ``offer`` only decides (no database); ``flush`` stores what is due, several updates in one
+    transaction when the driver sent them in a burst."""
 
     def __init__(self, run: MigrationRun):
         self.run = run
         self.interval = settings.PORTAL["PROGRESS_INTERVAL_S"]
         self.last_stored = 0.0
-        self.pending: drv.ProgressUpdate | None = None
+        self.due: list[drv.ProgressUpdate] = []  # to store: phase changes, the first task id, interval ticks
+        self.pending: drv.ProgressUpdate | None = None  # the latest other update, stored at the next flush
         self.percent = 0.0
+        self.phase = run.phase  # as offered (the run's fields follow at flush)
+        self.has_task_id = bool(run.task_id)
         self.status = S.RUNNING  # refreshed at every heartbeat
 
-    def offer(self, update: drv.ProgressUpdate) -> None:
+    def offer(self, update: drv.ProgressUpdate) -> bool:
+        """Take an update; True when something is due to be stored now."""
         if not isinstance(update, drv.ProgressUpdate):
             log.warning("run %s: driver sent %r, not a ProgressUpdate; ignored", self.run.pk, update)
-            return
-        phase_changed = update.phase.value != self.run.phase
-        self.pending = update
-        if phase_changed or update.task_id and not self.run.task_id or time.monotonic() - self.last_stored >= self.interval:
-            self.flush()
+            return False
+        must = (
+            update.phase.value != self.phase
+            or (update.task_id and not self.has_task_id)
+            or time.monotonic() - self.last_stored >= self.interval
+        )
+        self.phase = update.phase.value
+        self.has_task_id = self.has_task_id or bool(update.task_id)
+        # An update newer than the pending one replaces it (only the latest is worth storing).
+        self.pending = None
+        if must:
+            self.due.append(update)
+        else:
+            self.pending = update
+        return bool(self.due)
 
     def flush(self) -> None:
-        update, self.pending = self.pending, None
-        if update is None:
+        updates = self.due + ([self.pending] if self.pending is not None else [])
+        self.due, self.pending = [], None
+        if not updates:
             return
         run = self.run
+        with transaction.atomic():
+            phases = [self._store(run, update) for update in updates]
+            # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
+            for phase in filter(None, phases):
+                audit_record(actor=None, action=AuditAction.RUN_PHASE, request=run.request,
+                             object_type="migration_run", object_id=str(run.pk), task_id=phase["task_id"],
+                             data={"phase": phase["phase"], "percent": phase["percent"]})
+        self.last_stored = time.monotonic()
+
+    def _store(self, run: MigrationRun, update: drv.ProgressUpdate) -> dict | None:
+        """Store one update as the run's next event; what to audit when it changed the phase."""
         phase_changed = update.phase.value != run.phase
         # Clamp what the driver says: percent within 0..100 and never backwards.
         self.percent = max(self.percent, min(100.0, max(0.0, float(update.percent))))
@@ -455,32 +552,37 @@ class _ProgressRecorder:
             "rate_bytes_per_s": run.rate_bytes_per_s, "eta_s": run.eta_s, "iteration": run.iteration,
             "task_id": run.task_id, "heartbeat_at": run.heartbeat_at,
         }
-        with transaction.atomic():
-            append_run_event(run, status=self.status, message=update.message, run_fields=fields)
-            if phase_changed:
-                audit_record(actor=None, action=AuditAction.RUN_PHASE, request=run.request,
-                             object_type="migration_run", object_id=str(run.pk), task_id=run.task_id,
-                             data={"phase": run.phase, "percent": round(run.percent, 1)})
-        self.last_stored = time.monotonic()
+        append_run_event(run, status=self.status, message=update.message, run_fields=fields)
+        if not phase_changed:
+            return None
+        return {"phase": run.phase, "percent": round(run.percent, 1), "task_id": run.task_id}
 
 
 def _apply_placement(run: MigrationRun, placement: drv.Placement) -> None:
-    """Record where the VM is now (as the driver read it back), and move datastore free space with it."""
+    """Record where the VM is now (as the driver read it back), and move datastore free space with it.
+    Works on the VM's disks as ``migration_run_finish`` loaded them (with their datastores) and keeps
+    those objects current, so the placement after the move is read without going back to the database.
+    Every lookup that can fail comes before the first write."""
     vm = run.request.vm
-    host = Host.objects.get(connection=vm.connection, ref=placement.host_ref)
-    stores = {d.ref: d for d in Datastore.objects.filter(connection=vm.connection, ref__in=set(placement.disk_datastores.values()))}
-    moved = []
-    for disk in VirtualDisk.objects.filter(vm=vm).select_related("datastore"):
-        new_ref = placement.disk_datastores.get(disk.key)
-        if new_ref is not None and new_ref != disk.datastore.ref:
-            moved.append((disk, stores[new_ref]))
+    disks = list(vm.disks.all())
+    new_refs = {d.pk: placement.disk_datastores.get(d.key) for d in disks}
+    moving = [d for d in disks if new_refs[d.pk] is not None and new_refs[d.pk] != d.datastore.ref]
+    host = vm.host
+    if host.ref != placement.host_ref:
+        host = Host.objects.get(connection_id=vm.connection_id, ref=placement.host_ref)
+    stores = {}
+    if moving:
+        stores = {d.ref: d for d in Datastore.objects.filter(connection_id=vm.connection_id,
+                                                             ref__in={new_refs[d.pk] for d in moving})}
+    moved = [(disk, stores[new_refs[disk.pk]]) for disk in moving]
     # Datastores first, then the VM and its disks: the order inventory sync writes them in, so the
     # two never wait on each other's rows.
     for disk, target in moved:
         Datastore.objects.filter(pk=disk.datastore_id).update(free_bytes=F("free_bytes") + disk.capacity_bytes)
         Datastore.objects.filter(pk=target.pk).update(free_bytes=F("free_bytes") - disk.capacity_bytes)
-    vm.host = host
-    vm.save(update_fields=["host"])
+    if host.pk != vm.host_id:
+        vm.host = host
+        vm.save(update_fields=["host"])
     for disk, target in moved:
         disk.datastore = target
         disk.save(update_fields=["datastore"])
@@ -491,8 +593,11 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
     Returns False (and changes nothing) when the run was already settled. ``reconciled_by`` names
     the reconciliation that settles a run whose worker was lost; it is audited in the same transaction."""
     with transaction.atomic():
-        request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm__host", "vm__connection").get(
-            pk=run.request_id
+        request = (
+            MigrationRequest.objects.select_for_update(of=("self",))
+            .select_related("vm__host", "vm__connection")
+            .prefetch_related(Prefetch("vm__disks", queryset=VirtualDisk.objects.select_related("datastore")))
+            .get(pk=run.request_id)
         )
         run = MigrationRun.objects.select_for_update(of=("self",)).get(pk=run.pk)
         if request.status not in (S.RUNNING, S.CANCELLING):
@@ -521,8 +626,7 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
             run.phase, run.percent = Phase.DONE, 100.0
             run.bytes_done = run.bytes_total
             run.eta_s = 0
-            request.vm.refresh_from_db()
-            after = request.vm.placement_snapshot()
+            after = request.vm.placement_snapshot()  # _apply_placement kept the VM's objects current
             late = " (the cancel arrived after the move had completed)" if request.status == S.CANCELLING else ""
             run.explanation = f"{request.vm.name} now runs as requested: {_placement_text(after)}.{late}"
         elif isinstance(error, drv.MigrationCancelled):
@@ -542,6 +646,8 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
         request.save(update_fields=["status", "updated_at"])
         run.finished_at = now
         run.save()
+        append_run_event(run, status=target, message=run.explanation)
+        # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
         audit_record(
             actor=None,
             action=action,
@@ -555,7 +661,6 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
             task_id=run.task_id,
             data={"downtime_ms": run.downtime_ms, "worker": run.worker},
         )
-        append_run_event(run, status=target, message=run.explanation)
         if reconciled_by:
             audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=request, task_id=run.task_id,
                          reason=reconciled_by)

@@ -125,3 +125,53 @@ def test_a_task_that_finishes_despite_a_late_cancel_counts_as_done():
 def test_a_task_already_over_needs_one_wait(state):
     _, end, _, collector, _ = follow([{"info.state": state}])
     assert end.state == state and collector.script == []
+
+
+class OneRead:
+    """A property collector answering RetrievePropertiesEx with fixed task and VM properties."""
+
+    def __init__(self, task_props: dict, vm_props: dict):
+        self.contents = [
+            vmodl.query.PropertyCollector.ObjectContent(
+                obj=obj, propSet=[vmodl.DynamicProperty(name=k, val=v) for k, v in props.items()]
+            )
+            for obj, props in ((vim.Task("task-42", None), task_props), (vim.VirtualMachine("vm-1", None), vm_props))
+        ]
+        self.reads = 0
+
+    def RetrievePropertiesEx(self, specSet, options):  # noqa: N802, N803 - pyvmomi's names
+        self.reads += 1
+        return SimpleNamespace(objects=self.contents, token=None)
+
+
+def ended_at_once(task_props, *, cancel=None):
+    disk = vim.vm.device.VirtualDisk(
+        key=2000, capacityInKB=1024, backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            fileName="[DS] vm-1/vm-1.vmdk", datastore=vim.Datastore("datastore-15", None), diskMode="persistent"))
+    collector = OneRead(task_props, {"runtime.host": vim.HostSystem("host-2", None), "config.hardware.device": vim.vm.device.VirtualDevice.Array([disk])})
+    driver = VCenterDriver(ConnectionConfig(kind="vcenter", url="vc.example.com"))
+    session = _Session(content=SimpleNamespace(propertyCollector=collector))
+    spec = MigrationSpec("vm-1", target_host_ref="host-2", timeout_s=60)
+    result = driver._ended_at_once(session, vim.Task("task-42", None), spec, started=time.monotonic(),
+                                   cancel=cancel or threading.Event())
+    assert collector.reads == 1
+    return result
+
+
+def test_a_task_that_ended_in_its_call_is_read_with_the_placement_in_one_round_trip():
+    end, placement = ended_at_once({"info.state": "success", "info.cancelable": False})
+    assert (end.state, end.aborted) == ("success", None)
+    assert placement.host_ref == "host-2" and dict(placement.disk_datastores) == {"2000": "datastore-15"}
+
+
+def test_a_running_task_is_left_to_the_wait_loop():
+    assert ended_at_once({"info.state": "running", "info.progress": 5, "info.cancelable": True}) is None
+
+
+def test_a_cancel_seen_after_an_instant_end_is_still_reported_as_late():
+    cancel = threading.Event()
+    cancel.set()
+    end, placement = ended_at_once({"info.state": "success"}, cancel=cancel)
+    assert (end.state, end.aborted) == ("success", "cancel") and placement is not None
+    failed, none = ended_at_once({"info.state": "error", "info.error": vim.fault.InvalidState(msg="no")})
+    assert failed.state == "error" and none is None

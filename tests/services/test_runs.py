@@ -261,3 +261,23 @@ def test_a_run_whose_target_changed_after_approval_stops_at_start_with_the_reaso
     assert run.explanation == (f"Pre-flight at start failed, the world changed: {target.name} is in maintenance mode. "
                                "Nothing was moved.")
     assert vm.host != target and not run.task_id
+
+
+@pytest.mark.django_db
+def test_a_claim_judges_a_run_as_the_whole_queue_would_from_the_runs_ahead_of_it(datacenter, users, monkeypatch):
+    from migrations_app.services import runs as run_services
+
+    datacenter.options = {**datacenter.options, "admission": {"host_max": 1}}  # one move per host at a time
+    datacenter.save()
+    monkeypatch.setattr(run_services, "dispatch", lambda run_id, task_id: None)
+    vms = [vm for vm in VirtualMachine.objects.filter(connection=datacenter, power_state="on").order_by("pk")
+           if not any(t.startswith("sim:") for t in vm.tags)]
+    runs = [approved_run(users["carol"], users["erin"], vm) for vm in vms[:6]]
+    assert run_services._claim(runs[0].pk, "w1") is not None
+    whole, _ = run_services.admission_decision(datacenter)
+    assert whole.waiting, "the test needs runs that wait"
+    for run in runs[1:]:
+        mine, _ = run_services.admission_decision(datacenter, up_to=run.pk)
+        rid = run.request_id
+        assert (rid in {m.id for m in mine.admitted}) == (rid in {m.id for m in whole.admitted}), run.pk
+        assert (mine.waiting.get(rid), mine.place.get(rid)) == (whole.waiting.get(rid), whole.place.get(rid)), run.pk
