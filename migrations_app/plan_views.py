@@ -76,7 +76,7 @@ def _plan_context(request, plan: MovePlan) -> dict:
         "done": done,
         "total": total,
         "percent": round(100.0 * done / total, 1) if total else 100.0,
-        "movable": sum(i.movable for i in items),
+        "movable": sum(i.moves for i in items),
         "cold_capable": len(plan_services.fallback_choices(plan)) > 1,
         "can_edit": access.can_edit_plan(request.user, plan),
         "can_decide": access.can_decide_plan(request.user, plan),

@@ -13,6 +13,9 @@ from django.db import models
 
 from migrations_app.choices import MigrationKind, PlanFallback, PlanItemStatus, PlanKind, PlanStatus
 
+# The items that move when the plan is approved: live, or cold where the requester chose it.
+MOVES = models.Q(movable=True) | models.Q(fallback=PlanFallback.COLD_MOVE)
+
 
 class MovePlan(models.Model):
     """One evacuation or rebalance: what it empties (or balances), why, and its decision."""
@@ -86,6 +89,11 @@ class PlanItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.plan_id}/{self.order} {self.vm.name}"
+
+    @property
+    def moves(self) -> bool:
+        """Whether this VM moves once the plan is approved (live, or cold as its fallback)."""
+        return self.movable or self.fallback == PlanFallback.COLD_MOVE
 
     @property
     def target_summary(self) -> str:

@@ -10,8 +10,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from migrations_app import access
-from migrations_app.choices import TERMINAL, AuditAction, PlanFallback
+from migrations_app.choices import CANCELABLE, AuditAction, PlanFallback
 from migrations_app.models import MovePlan, PlanItem
+from migrations_app.models.plans import MOVES
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.plans._common import (
     Item,
@@ -51,7 +52,7 @@ def move_plan_submit(*, plan: MovePlan, actor, ip: str | None = None) -> MovePla
     with transaction.atomic():
         plan = lock_plan(plan)
         check_verdict(access.can_edit_plan(actor, plan))
-        if not plan.items.filter(movable=True).exists():
+        if not plan.items.filter(MOVES).exists():
             raise ActionRefused("nothing in this plan can move; there is nothing to approve", conflict=True)
         set_plan_status(plan, P.PENDING_APPROVAL)
         plan.save(update_fields=["status", "updated_at"])
@@ -122,9 +123,11 @@ def move_plan_cancel(*, plan: MovePlan, actor, reason: str = "", ip: str | None 
             plan.cancel_requested_at = timezone.now()
             plan.save(update_fields=["cancel_requested_at", "updated_at"])
             for item in plan.items.filter(status=Item.MOVING).select_related("request"):
-                if item.request.status in TERMINAL:
-                    continue  # settled meanwhile; its own bookkeeping runs on commit
-                migration_request_cancel(request=item.request, actor=plan.requester,
+                if item.request.status not in CANCELABLE:
+                    # Settled meanwhile (its own bookkeeping runs on commit), or already being
+                    # cancelled on its own: it keeps aborting and settles the item when it ends.
+                    continue
+                migration_request_cancel(request=item.request, actor=actor,
                                          reason=f"plan #{plan.pk} cancelled: {reason}".strip(": "), ip=ip)
             finish_if_done(plan)
         else:
