@@ -30,6 +30,11 @@ pytestmark = pytest.mark.django_db
 P, Item, S = PlanStatus, PlanItemStatus, RequestStatus
 
 
+@pytest.fixture(autouse=True)
+def _one_approver(review_everything):
+    """Plan mechanics under one approver for every move; the policy's part is in test_plan_approval.py."""
+
+
 @pytest.fixture
 def evac_dc(tmp_path):
     return simulated_connection(tmp_path / "evac.json", evacuation_state(6))
@@ -162,7 +167,7 @@ def test_approval_creates_one_approved_queued_request_per_movable_vm(evac_dc, us
         req = item.request
         assert req.status == S.QUEUED and req.vm == item.vm and req.target_host_id == item.target_host_id
         assert req.requester == users["carol"] and req.decided_by == users["erin"]
-        assert req.decision_comment == f"approved as part of plan #{plan.pk}"
+        assert req.decision_comment == f"approved as part of plan #{plan.pk}, signed by erin (stage 1)"
         actions = set(AuditEntry.objects.filter(request=req).values_list("action", flat=True))
         assert {AuditAction.REQUEST_SUBMITTED, AuditAction.REQUEST_APPROVED, AuditAction.RUN_QUEUED} <= actions
     assert items[-1].status == Item.SKIPPED and items[-1].request is None
