@@ -177,8 +177,9 @@ def can_watch_approvals(user) -> Verdict:
 
 # -- move plans ---------------------------------------------------------------------------------
 # Evacuating a host or a datastore, or rebalancing a cluster, moves VMs of many owner groups: it is
-# an operator's action. Admins build plans; approvers (or another admin) approve them, never the
-# plan's own requester; approvers, auditors and admins see them.
+# an operator's action. Admins build plans; approvers sign the stages the approval policy froze on
+# the plan, as for a request (admins only through the admin bypass), never the plan's own
+# requester; approvers, auditors and admins see them.
 
 
 def can_build_plan(user) -> Verdict:
