@@ -106,28 +106,40 @@ def stage_groups_of(user, stage) -> tuple[str, ...]:
     return tuple(g for g in stage.groups if g in names)
 
 
-def _stage_verdict(user, request) -> Verdict:
-    """May this approver sign the request's current stage now? (Own request and state checked before.)"""
+def _stage_verdict(user, subject) -> Verdict:
+    """May this approver sign the current stage of ``subject`` now? A request and a move plan both
+    carry ``stages``, ``current_stage`` and their signatures as ``approvals`` (own request or plan
+    and state are checked before)."""
     from migrations_app.policy.rules import Approval, approval_helps
 
-    stages = request.stages
-    number, total = request.current_stage + 1, len(stages)
-    stage = stages[request.current_stage]
+    stages = subject.stages
+    number, total = subject.current_stage + 1, len(stages)
+    if subject.current_stage >= total:
+        return deny("every approval stage is already signed", conflict=True)
+    stage = stages[subject.current_stage]
     mine = stage_groups_of(user, stage)
     if not mine:
         return deny(f"stage {number} of {total} waits for {stage.describe()}; you are not in "
                     f"{' or '.join(stage.groups)}")
-    signed = list(request.approvals.all())
-    earlier = sorted(a.stage for a in signed if a.approver_id == user.pk and a.stage < request.current_stage)
+    signed = list(subject.approvals.all())
+    earlier = sorted(a.stage for a in signed if a.approver_id == user.pk and a.stage < subject.current_stage)
     if earlier:
         return deny(f"you signed stage {earlier[0] + 1}; stage {number} needs someone else")
-    current = [Approval(a.approver_id, tuple(a.groups)) for a in signed if a.stage == request.current_stage]
+    current = [Approval(a.approver_id, tuple(a.groups)) for a in signed if a.stage == subject.current_stage]
     if any(a.approver_id == user.pk for a in current):
         return deny(f"you already approved stage {number}", conflict=True)
     if not approval_helps(stage, current, Approval(user.pk, mine)):
         return deny(f"stage {number} already has an approver from {', '.join(mine)}; it waits for "
                     f"{stage.describe()}", conflict=True)
     return ALLOW
+
+
+def _stage_or_bypass(user, subject) -> Verdict:
+    """The stage verdict, or, when it says no, the admin bypass if it is on."""
+    verdict = _stage_verdict(user, subject)
+    if not verdict and has_role(user, Role.ADMIN) and admin_bypass_enabled():
+        return Verdict(True, "admin bypass of the approval stages", bypass=True)
+    return verdict
 
 
 def can_decide(user, request) -> Verdict:
@@ -144,10 +156,7 @@ def can_decide(user, request) -> Verdict:
         return deny(f"this request is already {request.get_status_display().lower()}", conflict=True)
     if closed := window_closed(request):  # too late to decide: the services expire it
         return deny(closed, conflict=True)
-    verdict = _stage_verdict(user, request)
-    if not verdict and has_role(user, Role.ADMIN) and admin_bypass_enabled():
-        return Verdict(True, "admin bypass of the approval stages", bypass=True)
-    return verdict
+    return _stage_or_bypass(user, request)
 
 
 def can_cancel(user, request) -> Verdict:
@@ -168,8 +177,9 @@ def can_watch_approvals(user) -> Verdict:
 
 # -- move plans ---------------------------------------------------------------------------------
 # Evacuating a host or a datastore, or rebalancing a cluster, moves VMs of many owner groups: it is
-# an operator's action. Admins build plans; approvers (or another admin) approve them, never the
-# plan's own requester; approvers, auditors and admins see them.
+# an operator's action. Admins build plans; approvers sign the stages the approval policy froze on
+# the plan, as for a request (admins only through the admin bypass), never the plan's own
+# requester; approvers, auditors and admins see them.
 
 
 def can_build_plan(user) -> Verdict:
@@ -190,13 +200,16 @@ def can_edit_plan(user, plan) -> Verdict:
 
 
 def can_decide_plan(user, plan) -> Verdict:
+    """Approve or reject the plan's current stage: exactly the rules of ``can_decide`` (the stages
+    frozen on the plan at submission, fresh eyes per stage, never the plan's requester, admins
+    only through the admin bypass)."""
     if not has_role(user, Role.APPROVER, Role.ADMIN):
         return deny("only approvers can approve or reject plans")
     if plan.requester_id == user.pk:
         return deny("you cannot approve or reject your own plan")
     if plan.status != PlanStatus.PENDING_APPROVAL:
         return deny(f"this plan is {plan.get_status_display().lower()}", conflict=True)
-    return ALLOW
+    return _stage_or_bypass(user, plan)
 
 
 def can_cancel_plan(user, plan) -> Verdict:

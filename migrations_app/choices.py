@@ -148,6 +148,9 @@ class AuditAction(models.TextChoices):
     REQUEST_BYPASS_APPROVED = "request.bypass_approved", "Request approved by admin bypass"
     POLICY_IMPORTED = "policy.imported", "Approval policy imported"
     POLICY_ACTIVATED = "policy.activated", "Approval policy activated"
+    PLAN_STAGE_APPROVED = "plan.stage_approved", "Move plan approval stage signed"
+    PLAN_AUTO_APPROVED = "plan.auto_approved", "Move plan approved by policy"
+    PLAN_BYPASS_APPROVED = "plan.bypass_approved", "Move plan approved by admin bypass"
 
 
 class NotificationCategory(models.TextChoices):

@@ -76,10 +76,11 @@ def _plan_context(request, plan: MovePlan) -> dict:
         "done": done,
         "total": total,
         "percent": round(100.0 * done / total, 1) if total else 100.0,
-        "movable": sum(i.movable for i in items),
+        "movable": sum(i.moves for i in items),
         "cold_capable": len(plan_services.fallback_choices(plan)) > 1,
         "can_edit": access.can_edit_plan(request.user, plan),
         "can_decide": access.can_decide_plan(request.user, plan),
+        "stage_views": selectors.approval_stages(plan),
         "can_cancel": access.can_cancel_plan(request.user, plan),
         "history": plan_history(plan),
     }
@@ -160,4 +161,13 @@ def plan_queue(request):
     if not verdict:
         _deny(request, verdict)
     return render(request, "migrations_app/_plan_cards.html",
-                  {"plan_queue": selectors.plan_approval_queue(request.user), "statuses": PlanStatus})
+                  {"plan_queue": plan_cards(request.user), "statuses": PlanStatus})
+
+
+def plan_cards(user) -> list[MovePlan]:
+    """The plans of the approvals page, each with its stages and whether this user may act now."""
+    cards = list(selectors.plan_approval_queue(user))
+    for plan in cards:
+        plan.stage_views = selectors.approval_stages(plan)
+        plan.can_decide = access.can_decide_plan(user, plan)
+    return cards

@@ -121,20 +121,22 @@ class StageView:
                 f"{self.spec.describe()} ({self.progress} of {self.spec.needed}{who})")
 
 
-def approval_stages(request: MigrationRequest) -> list[StageView]:
-    """The request's frozen stages with who signed each; empty when the policy decided alone."""
+def approval_stages(request) -> list[StageView]:
+    """The frozen stages of a request (or of a move plan: both carry ``stages``, ``current_stage``
+    and ``approvals``) with who signed each; empty when the policy decided alone."""
     stages = request.stages
     rows = list(request.approvals.all())
+    awaiting = request.status in AWAITING_DECISION  # a plan's "pending_approval" reads the same
     out = []
     for i, stage in enumerate(stages):
         signed = [a for a in rows if a.stage == i]
         progress = stage_progress(stage, [Approval(a.approver_id, tuple(a.groups)) for a in signed])
         if i < request.current_stage:
             state = "done" if progress >= stage.needed else "skipped"
-        elif i == request.current_stage and request.status in AWAITING_DECISION:
+        elif i == request.current_stage and awaiting:
             state = "current"
         else:
-            state = "waiting" if request.status in AWAITING_DECISION else "skipped"
+            state = "waiting" if awaiting else "skipped"
         names = tuple(a.approver.username + (" (admin bypass)" if a.bypass else "") for a in signed)
         out.append(StageView(i + 1, len(stages), stage, state, names, progress))
     return out
@@ -179,7 +181,8 @@ def plan_approval_queue(user):
 
     if not access.can_watch_approvals(user):
         return visible_plans(user).none()
-    return visible_plans(user).filter(status=PlanStatus.PENDING_APPROVAL).exclude(requester=user).order_by("created_at")
+    return (visible_plans(user).filter(status=PlanStatus.PENDING_APPROVAL).exclude(requester=user)
+            .prefetch_related("approvals__approver").order_by("created_at"))
 
 
 def plan_items(plan):

@@ -151,6 +151,8 @@ def my_requests(request):
 def approvals(request):
     """The approval queue. "Pending for me" (the default for approvers) shows only what this user
     may sign now; "All pending" shows every open request with the stage it waits at."""
+    from migrations_app.plan_views import plan_cards  # it imports this module
+
     verdict = access.can_watch_approvals(request.user)
     if not verdict:
         _deny(request, verdict)
@@ -167,7 +169,7 @@ def approvals(request):
         item.preflight = _preflight_now(item)
     template = "migrations_app/_approval_cards.html" if request.htmx else "migrations_app/approvals.html"
     return render(request, template, {"queue": queue, "reject_form": RejectForm(), "scope": scope,
-                                      "plan_queue": selectors.plan_approval_queue(request.user)})
+                                      "plan_queue": plan_cards(request.user)})
 
 
 def _preflight_now(mr: MigrationRequest) -> str:

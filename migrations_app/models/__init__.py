@@ -11,7 +11,7 @@ from migrations_app.models.inventory import (
 )
 from migrations_app.models.notifications import NotificationDelivery, NotificationPreference, Webhook
 from migrations_app.models.plans import MovePlan, PlanItem
-from migrations_app.models.policy import ApprovalPolicy, PolicyRule, PolicyStage, RequestApproval
+from migrations_app.models.policy import ApprovalPolicy, PlanApproval, PolicyRule, PolicyStage, RequestApproval
 from migrations_app.models.requests import MigrationRequest
 from migrations_app.models.runs import MigrationRun, RunEvent
 
@@ -26,6 +26,7 @@ __all__ = [
     "MigrationRequest",
     "MigrationRun",
     "MovePlan",
+    "PlanApproval",
     "PlanItem",
     "Network",
     "NotificationDelivery",

@@ -13,6 +13,9 @@ from django.db import models
 
 from migrations_app.choices import MigrationKind, PlanFallback, PlanItemStatus, PlanKind, PlanStatus
 
+# The items that move when the plan is approved: live, or cold where the requester chose it.
+MOVES = models.Q(movable=True) | models.Q(fallback=PlanFallback.COLD_MOVE)
+
 
 class MovePlan(models.Model):
     """One evacuation or rebalance: what it empties (or balances), why, and its decision."""
@@ -35,6 +38,10 @@ class MovePlan(models.Model):
                                    related_name="+")
     decided_at = models.DateTimeField(null=True, blank=True)
     decision_comment = models.TextField(blank=True)
+    # Frozen at submission, as on a request: the approval policy's decision for the plan's strictest
+    # item (the one whose rule asks for the most stages), with the stages to sign.
+    approval_plan = models.JSONField(default=dict, blank=True)
+    current_stage = models.PositiveIntegerField(default=0, help_text="Index of the stage waiting for signatures.")
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     summary = models.TextField(blank=True, help_text="The outcome, in words.")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -46,6 +53,13 @@ class MovePlan(models.Model):
 
     def __str__(self) -> str:
         return f"plan #{self.pk}: {self.get_kind_display().lower()} {self.subject_name}"
+
+    @property
+    def stages(self):
+        """The frozen stages (``policy.rules.StageSpec``) the plan's approvers sign."""
+        from migrations_app.policy.rules import frozen_stages
+
+        return frozen_stages(self.approval_plan)
 
     @property
     def subject_name(self) -> str:
@@ -79,6 +93,8 @@ class PlanItem(models.Model):
     request = models.ForeignKey("migrations_app.MigrationRequest", null=True, blank=True, on_delete=models.PROTECT,
                                 related_name="plan_items")
     explanation = models.TextField(blank=True)
+    policy_note = models.CharField(max_length=300, blank=True,
+                                   help_text="What the approval policy decided for this VM's move, at submission.")
 
     class Meta:
         ordering = ["plan", "order"]
@@ -86,6 +102,11 @@ class PlanItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.plan_id}/{self.order} {self.vm.name}"
+
+    @property
+    def moves(self) -> bool:
+        """Whether this VM moves once the plan is approved (live, or cold as its fallback)."""
+        return self.movable or self.fallback == PlanFallback.COLD_MOVE
 
     @property
     def target_summary(self) -> str:

@@ -127,3 +127,24 @@ class RequestApproval(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.request_id} stage {self.stage + 1} by {self.approver}"
+
+
+class PlanApproval(models.Model):
+    """One approver's signature on one stage of a move plan (as ``RequestApproval`` for a request).
+    When the plan's last stage is signed, each of its moves' requests gets a copy of these rows."""
+
+    plan = models.ForeignKey("migrations_app.MovePlan", on_delete=models.PROTECT, related_name="approvals")
+    stage = models.PositiveIntegerField(help_text="Index into the plan's approval_plan stages.")
+    approver = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    at = models.DateTimeField()
+    comment = models.TextField(blank=True)
+    groups = models.JSONField(default=list, blank=True, help_text="The stage's groups the approver was in.")
+    bypass = models.BooleanField(default=False, help_text="An admin's approval under ADMIN_BYPASS_APPROVAL.")
+
+    class Meta:
+        ordering = ["plan", "stage", "at", "id"]
+        constraints = [models.UniqueConstraint(fields=["plan", "stage", "approver"],
+                                               name="one_plan_approval_per_stage_and_person")]
+
+    def __str__(self) -> str:
+        return f"plan #{self.plan_id} stage {self.stage + 1} by {self.approver}"

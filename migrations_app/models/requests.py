@@ -56,12 +56,9 @@ class MigrationRequest(models.Model):
     @property
     def stages(self):
         """The frozen stages (``policy.rules.StageSpec``) of this request's approval plan."""
-        from migrations_app.policy.rules import FALLBACK_STAGES, StageSpec
+        from migrations_app.policy.rules import frozen_stages
 
-        plan = self.approval_plan or {}
-        if "stages" not in plan:  # submitted before approval policies existed: one approver
-            return list(FALLBACK_STAGES)
-        return [StageSpec.from_dict(s) for s in plan["stages"]]
+        return frozen_stages(self.approval_plan)
 
     @property
     def kind_label(self) -> str:

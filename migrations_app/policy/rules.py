@@ -127,6 +127,15 @@ FALLBACK_GROUP = "approver"
 FALLBACK_STAGES = (StageSpec("Approval", (FALLBACK_GROUP,), ApprovalMode.ANY),)
 
 
+def frozen_stages(approval_plan: Mapping | None) -> list[StageSpec]:
+    """The stages frozen in a request's or a plan's ``approval_plan`` (``Decision.snapshot``).
+    One submitted before approval policies existed has none recorded: one approver."""
+    plan = approval_plan or {}
+    if "stages" not in plan:
+        return list(FALLBACK_STAGES)
+    return [StageSpec.from_dict(s) for s in plan["stages"]]
+
+
 # -- conditions --------------------------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ def check_move(vm: VirtualMachine, kind: str, target_host: Host | None, target_d
                cold: bool = False) -> None:
     """Raise ActionRefused with the first reason the move is impossible; return when it is valid.
     A ``cold`` move (power off, move, power on: a move plan's fallback) needs a driver with
-    ``Capability.COLD_MOVE`` and no running VM; everything else is judged the same."""
+    ``Capability.COLD_MOVE`` and a VM that is not suspended (its memory state would be lost);
+    everything else is judged the same."""
     if kind not in MigrationKind.values:
         raise ActionRefused(f"unknown migration kind {kind!r}", field="kind")
     wants_host = kind in (MigrationKind.COMPUTE, MigrationKind.BOTH)
@@ -32,6 +33,8 @@ def check_move(vm: VirtualMachine, kind: str, target_host: Host | None, target_d
         raise ActionRefused(f"{vm.name} is no longer in the hypervisor's inventory", field="vm")
     if cold and not vm.connection.supports(Capability.COLD_MOVE):
         raise ActionRefused(f"{vm.connection.name} cannot cold-move a VM")
+    if cold and vm.power_state == PowerState.SUSPENDED:
+        raise ActionRefused(f"{vm.name} is suspended; resume or power it off before a cold move")
     if not cold and vm.power_state != PowerState.ON:
         raise ActionRefused(f"{vm.name} is {vm.get_power_state_display().lower()}; a live migration needs it running")
 

@@ -25,7 +25,9 @@ from migrations_app.services import plans as svc
 from tests.conftest import make_user
 from tests.simdc import evacuation_state, simulated_connection
 
-pytestmark = pytest.mark.e2e
+# One approver signs the plan (the shipped policy would approve 20 small same-cluster moves by
+# itself; the policy's part of plan approval is pinned in tests/services/test_plan_approval.py).
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("review_everything")]
 ROOT = Path(__file__).resolve().parents[2]
 ANTI = "anti-affinity:db"
 
@@ -138,6 +140,7 @@ def evacuate(live_portal, login, tmp_path, settings):
     in_thread(lambda: svc.move_plan_submit(plan=plan, actor=carol))
     page.click(f"#plan-cards [data-plan-id='{plan.pk}'] >> text=Review plan #{plan.pk}")
     page.wait_for_selector("#live-state.on")
+    page.wait_for_selector("#plan-stages >> text=Stage 1 of 1 (Review)")
     page.click("#plan-approve")
     page.wait_for_selector("#plan-status[data-status=running]")
     page.evaluate("window.__notReloaded = true")

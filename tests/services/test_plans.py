@@ -8,15 +8,31 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from migrations_app.choices import AuditAction, AuditOutcome, PlanItemStatus, PlanKind, PlanStatus, RequestStatus
+from migrations_app.choices import (
+    AuditAction,
+    AuditOutcome,
+    PlanItemStatus,
+    PlanKind,
+    PlanStatus,
+    RequestStatus,
+    Role,
+)
 from migrations_app.models import AuditEntry, Datastore, Host, MigrationRequest, MigrationRun, MovePlan, VirtualMachine
 from migrations_app.services import plans as svc
 from migrations_app.services.errors import ActionRefused
-from migrations_app.services.runs import migration_run_execute
+from migrations_app.services.preflight import check_move
+from migrations_app.services.requests import migration_request_cancel
+from migrations_app.services.runs import _claim, migration_run_execute
+from tests.conftest import make_user
 from tests.simdc import evacuation_state, simulated_connection
 
 pytestmark = pytest.mark.django_db
 P, Item, S = PlanStatus, PlanItemStatus, RequestStatus
+
+
+@pytest.fixture(autouse=True)
+def _one_approver(review_everything):
+    """Plan mechanics under one approver for every move; the policy's part is in test_plan_approval.py."""
 
 
 @pytest.fixture
@@ -151,7 +167,7 @@ def test_approval_creates_one_approved_queued_request_per_movable_vm(evac_dc, us
         req = item.request
         assert req.status == S.QUEUED and req.vm == item.vm and req.target_host_id == item.target_host_id
         assert req.requester == users["carol"] and req.decided_by == users["erin"]
-        assert req.decision_comment == f"approved as part of plan #{plan.pk}"
+        assert req.decision_comment == f"approved as part of plan #{plan.pk}, signed by erin (stage 1)"
         actions = set(AuditEntry.objects.filter(request=req).values_list("action", flat=True))
         assert {AuditAction.REQUEST_SUBMITTED, AuditAction.REQUEST_APPROVED, AuditAction.RUN_QUEUED} <= actions
     assert items[-1].status == Item.SKIPPED and items[-1].request is None
@@ -279,3 +295,58 @@ def test_datastore_evacuation_and_rebalance_build_plans(evac_dc, users):
                                reason="even out")
     assert plan.imbalance_before > plan.imbalance_after >= 0
     assert plan.items.filter(movable=True).count() >= 2
+
+
+def test_stopping_a_plan_cancels_its_moves_as_the_admin_who_stopped_it(evac_dc, users):
+    other_admin = make_user("admin2", Role.ADMIN)
+    plan = approved(evac_dc, users)
+    svc.move_plan_cancel(plan=MovePlan.objects.get(pk=plan.pk), actor=other_admin, reason="stop")
+    actors = set(AuditEntry.objects.filter(action=AuditAction.REQUEST_CANCELLED).values_list("actor_name", flat=True))
+    assert actors == {"admin2"}
+    assert MigrationRequest.objects.filter(status=S.CANCELLED).count() == 6
+
+
+def test_stopping_a_plan_leaves_a_move_already_being_cancelled_to_abort(evac_dc, users,
+                                                                         django_capture_on_commit_callbacks):
+    plan = approved(evac_dc, users)
+    first = MigrationRequest.objects.filter(status=S.QUEUED).order_by("pk").first()
+    assert _claim(first.run.pk, "w1") is not None  # it runs
+    migration_request_cancel(request=first, actor=users["carol"], reason="this one only")
+    with django_capture_on_commit_callbacks(execute=True):
+        svc.move_plan_cancel(plan=MovePlan.objects.get(pk=plan.pk), actor=users["carol"], reason="stop all")
+    plan.refresh_from_db()
+    assert plan.cancel_requested_at is not None and plan.status == P.RUNNING  # waits for the aborting move
+    statuses = dict(MigrationRequest.objects.values_list("pk", "status"))
+    assert statuses.pop(first.pk) == S.CANCELLING
+    assert set(statuses.values()) == {S.CANCELLED}
+    assert AuditEntry.objects.filter(action=AuditAction.PLAN_CANCELLED, outcome=AuditOutcome.SUCCESS).count() == 1
+
+
+def test_a_plan_of_only_cold_moves_can_be_submitted_and_counts_them_as_moving(tmp_path, users, client):
+    state = evacuation_state(2, local_vm=False)
+    for vm in state["vms"]:
+        vm["power"] = "off"
+    conn = simulated_connection(tmp_path / "cold.json", state)
+    plan = build(conn, users)
+    items = list(plan.items.all())
+    assert items and not any(i.movable for i in items)
+    for item in items:
+        svc.move_plan_set_fallback(plan=plan, actor=users["carol"], item=item, fallback="cold_move")
+    client.force_login(users["carol"])
+    assert "2 of 2 VMs move" in client.get(f"/plans/{plan.pk}/").content.decode()
+    svc.move_plan_submit(plan=plan, actor=users["carol"])
+    assert MovePlan.objects.get(pk=plan.pk).status != P.DRAFT
+
+
+def test_a_cold_move_refuses_a_suspended_vm(tmp_path, users):
+    state = evacuation_state(1, local_vm=False)
+    state["vms"][0]["power"] = "suspended"
+    conn = simulated_connection(tmp_path / "susp.json", state)
+    vm = VirtualMachine.objects.select_related("host__cluster", "connection").get(connection=conn, name="app-00")
+    target = Host.objects.get(connection=conn, name="a.lab")
+    with pytest.raises(ActionRefused, match="suspended"):
+        check_move(vm, "compute", target, None, cold=True)
+    state["vms"][0]["power"] = "off"
+    conn2 = simulated_connection(tmp_path / "off.json", state, name="off")
+    vm = VirtualMachine.objects.select_related("host__cluster", "connection").get(connection=conn2, name="app-00")
+    check_move(vm, "compute", Host.objects.get(connection=conn2, name="a.lab"), None, cold=True)  # no refusal

@@ -1,8 +1,10 @@
 """Services for move plans: build, choose fallbacks, submit, approve, reject, cancel, and the
 bookkeeping as their moves finish (retry a failed VM, finish the plan).
 
-A plan runs as ordinary migration requests, one per movable VM, created already approved ("approved
-as part of plan #N") and queued through ``migration_run_enqueue``, so admission control, cancel,
+The approval policy judges every move at submission and the plan's approvers sign the stages of
+its strictest move (``approval``). A plan runs as ordinary migration requests, one per moving VM,
+created already approved ("approved as part of plan #N", with the plan's stages and signatures)
+and queued through ``migration_run_enqueue``, so admission control, cancel,
 reconciliation, audit and live progress treat them like any other. When a request of a plan ends,
 ``plan_request_settled`` (called on commit by the run's finish and by cancel) records the item's
 outcome, retries a failed move up to ``max_attempts``, and finishes the plan once every item ended.

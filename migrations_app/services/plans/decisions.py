@@ -1,5 +1,6 @@
-"""The plan's decisions: fallbacks, submit, approve (one approved request per movable VM), reject,
-cancel, and expiry of plans nobody decided on."""
+"""The plan's decisions: fallbacks, submit (the approval policy judges each move), approve (stage
+by stage; then one approved request per moving VM), reject, cancel, and expiry of plans nobody
+decided on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from migrations_app import access
-from migrations_app.choices import TERMINAL, AuditAction, PlanFallback
+from migrations_app.choices import CANCELABLE, AuditAction, RuleAction
 from migrations_app.models import MovePlan, PlanItem
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.plans._common import (
@@ -23,6 +24,7 @@ from migrations_app.services.plans._common import (
     refusable,
     set_plan_status,
 )
+from migrations_app.services.plans.approval import judge_items, policy_data, sign_stage, stage_data
 from migrations_app.services.plans.build import fallback_choices
 from migrations_app.services.plans.execution import finish_if_done, start_attempt
 
@@ -47,44 +49,69 @@ def move_plan_set_fallback(*, plan: MovePlan, actor, item: PlanItem, fallback: s
 
 @refusable(AuditAction.PLAN_SUBMITTED)
 def move_plan_submit(*, plan: MovePlan, actor, ip: str | None = None) -> MovePlan:
-    """The requester sends the reviewed plan to the approvers."""
+    """The requester sends the reviewed plan to the approvers. The approval policy judges each
+    move now (``approval``): moves it rejects are skipped, the plan waits for the stages of its
+    strictest move, or, when the policy approves every move by itself, it starts at once."""
     with transaction.atomic():
         plan = lock_plan(plan)
         check_verdict(access.can_edit_plan(actor, plan))
-        if not plan.items.filter(movable=True).exists():
-            raise ActionRefused("nothing in this plan can move; there is nothing to approve", conflict=True)
+        decision, strictest_vm = judge_items(plan)
+        plan.approval_plan = {**decision.snapshot(), "strictest_vm": strictest_vm}
+        plan.current_stage = 0
         set_plan_status(plan, P.PENDING_APPROVAL)
-        plan.save(update_fields=["status", "updated_at"])
-        audit_plan(plan, actor=actor, action=AuditAction.PLAN_SUBMITTED, reason=plan.reason, ip=ip)
+        plan.save(update_fields=["status", "approval_plan", "current_stage", "updated_at"])
+        audit_plan(plan, actor=actor, action=AuditAction.PLAN_SUBMITTED, reason=plan.reason, ip=ip,
+                   data={"policy": {**policy_data(decision), "strictest_vm": strictest_vm},
+                         "stages": len(decision.stages)})
+        if decision.action == RuleAction.AUTO_APPROVE:
+            _start(plan, approver=None, ip=None, action=AuditAction.PLAN_AUTO_APPROVED,
+                   comment=f"approved by policy: {decision.note}", data={"policy": policy_data(decision)})
         notify_plan_changed(plan)
     return plan
 
 
 @refusable(AuditAction.PLAN_APPROVED)
 def move_plan_approve(*, plan: MovePlan, actor, comment: str = "", ip: str | None = None) -> MovePlan:
-    """An approver approves the whole plan: every movable VM gets an approved, queued request (in
-    plan order); admission control decides how many run at once. VMs whose fallback is skip stay."""
+    """An approver signs the plan's current stage (``access.can_decide_plan``: the same rules as
+    for a request). When that completes the last stage (or an admin approves under the admin
+    bypass), every moving VM gets an approved, queued request in plan order; admission control
+    decides how many run at once. VMs whose fallback is skip stay."""
+    comment = (comment or "").strip()
     with transaction.atomic():
         plan = lock_plan(plan)
-        check_verdict(access.can_decide_plan(actor, plan))
-        set_plan_status(plan, P.APPROVED)
-        plan.decided_by, plan.decided_at, plan.decision_comment = actor, timezone.now(), (comment or "").strip()
-        plan.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
-        audit_plan(plan, actor=actor, action=AuditAction.PLAN_APPROVED, reason=plan.decision_comment, ip=ip)
-        set_plan_status(plan, P.RUNNING)
-        plan.save(update_fields=["status", "updated_at"])
-        audit_plan(plan, actor=None, action=AuditAction.PLAN_STARTED)
-        items = plan.items.select_related("vm", "source_host", "target_host__cluster", "target_datastore").order_by("order")
-        for item in items:
-            if item.movable or item.fallback == PlanFallback.COLD_MOVE:
-                start_attempt(plan, item, approver=actor, ip=ip)
-            else:  # fallback skip: it stays where it is, as the plan says
-                item.status = Item.SKIPPED
-                item.explanation = f"Stays on {item.source_host.name}: {item.blocker}."
-                item.save(update_fields=["status", "explanation"])
-        finish_if_done(plan)
+        verdict = access.can_decide_plan(actor, plan)
+        check_verdict(verdict)
+        index = plan.current_stage
+        if sign_stage(plan, actor=actor, verdict=verdict, comment=comment, ip=ip):
+            data = {**stage_data(plan, index), "bypass": verdict.bypass}
+            if verdict.bypass:
+                _start(plan, approver=actor, ip=ip, action=AuditAction.PLAN_BYPASS_APPROVED, data=data,
+                       comment=comment or f"admin bypass: stages {index + 1}-{len(plan.stages)} not signed")
+            else:
+                _start(plan, approver=actor, ip=ip, action=AuditAction.PLAN_APPROVED, comment=comment, data=data)
         notify_plan_changed(plan)
     return plan
+
+
+def _start(plan: MovePlan, *, approver, comment: str, ip: str | None, action: AuditAction, data: dict) -> None:
+    """The (locked) plan is approved: record the decision, start a request per moving item."""
+    set_plan_status(plan, P.APPROVED)
+    plan.decided_by, plan.decided_at, plan.decision_comment = approver, timezone.now(), comment
+    plan.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
+    audit_plan(plan, actor=approver, action=action, reason=comment, ip=ip, data=data)
+    set_plan_status(plan, P.RUNNING)
+    plan.save(update_fields=["status", "updated_at"])
+    audit_plan(plan, actor=None, action=AuditAction.PLAN_STARTED)
+    items = (plan.items.filter(status=Item.PLANNED)
+             .select_related("vm", "source_host", "target_host__cluster", "target_datastore").order_by("order"))
+    for item in items:
+        if item.moves:
+            start_attempt(plan, item, approver=approver, ip=ip)
+        else:  # fallback skip: it stays where it is, as the plan says
+            item.status = Item.SKIPPED
+            item.explanation = f"Stays on {item.source_host.name}: {item.blocker}."
+            item.save(update_fields=["status", "explanation"])
+    finish_if_done(plan)
 
 
 @refusable(AuditAction.PLAN_REJECTED)
@@ -122,9 +149,11 @@ def move_plan_cancel(*, plan: MovePlan, actor, reason: str = "", ip: str | None 
             plan.cancel_requested_at = timezone.now()
             plan.save(update_fields=["cancel_requested_at", "updated_at"])
             for item in plan.items.filter(status=Item.MOVING).select_related("request"):
-                if item.request.status in TERMINAL:
-                    continue  # settled meanwhile; its own bookkeeping runs on commit
-                migration_request_cancel(request=item.request, actor=plan.requester,
+                if item.request.status not in CANCELABLE:
+                    # Settled meanwhile (its own bookkeeping runs on commit), or already being
+                    # cancelled on its own: it keeps aborting and settles the item when it ends.
+                    continue
+                migration_request_cancel(request=item.request, actor=actor,
                                          reason=f"plan #{plan.pk} cancelled: {reason}".strip(": "), ip=ip)
             finish_if_done(plan)
         else:

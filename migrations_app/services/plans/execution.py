@@ -12,6 +12,7 @@ from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_record
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.plans._common import Item, P, audit_plan, lock_plan, notify_plan_changed, set_plan_status
+from migrations_app.services.plans.approval import copy_signatures, signed_by
 from migrations_app.services.preflight import check_move
 
 
@@ -34,9 +35,11 @@ def start_attempt(plan: MovePlan, item: PlanItem, *, approver, ip: str | None) -
                 requester=plan.requester, vm=vm, kind=item.kind, target_host=item.target_host,
                 target_datastore=item.target_datastore, reason=f"plan #{plan.pk}: {plan.reason}", cold=cold,
                 source_placement=vm.placement_snapshot(),
-                policy_note=f"part of plan #{plan.pk}, attempt {attempt} of {item.max_attempts}"
-                            + (" (cold move: powered off while it moves)" if cold else ""),
+                policy_note=(f"part of plan #{plan.pk}, attempt {attempt} of {item.max_attempts}"
+                             + (" (cold move: powered off while it moves)" if cold else "")
+                             + (f"; for this VM alone: {item.policy_note}" if item.policy_note else ""))[:300],
             )
+            copy_signatures(plan, request)
             after = {}
             if item.target_host_id:
                 after["host"] = item.target_host.name
@@ -45,10 +48,14 @@ def start_attempt(plan: MovePlan, item: PlanItem, *, approver, ip: str | None) -
             audit_record(actor=plan.requester, action=AuditAction.REQUEST_SUBMITTED, request=request,
                          reason=request.reason, before=request.source_placement, after=after,
                          data={"kind": item.kind, "plan": plan.pk, "attempt": attempt, "cold": cold})
-            comment = f"approved as part of plan #{plan.pk}"
+            who = signed_by(plan)
+            comment = f"approved as part of plan #{plan.pk}, " + (
+                f"signed by {who}" if who else f"by the approval policy ({(plan.approval_plan or {}).get('rule')})")
             if attempt > 1:
                 comment += f" (attempt {attempt} of {item.max_attempts})"
-            _approve_locked(request, approver=approver, comment=comment, ip=ip)
+            _approve_locked(request, approver=approver, comment=comment, ip=ip,
+                            action=AuditAction.REQUEST_APPROVED if who else AuditAction.REQUEST_AUTO_APPROVED,
+                            data={"plan": plan.pk, "attempt": attempt})
             notify_request_changed(request)
     except ActionRefused as exc:
         item.status = Item.FAILED
