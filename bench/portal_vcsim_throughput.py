@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/portal_vcsim_throughput.py [N] [WORKERS] [processes|threads]
     # default: 200 moves, 4 workers, processes (Celery's default prefork pool)
+    RELOCATE_DELAY_MS=300 .venv/bin/python bench/portal_vcsim_throughput.py 40
+    # each RelocateVM_Task takes that long on vcsim (its moves are otherwise instant; a real
+    # vMotion takes seconds): shows the rates when the hypervisor, not the portal, sets the pace
 
 Portal path, per move: the submit service (checks, transaction, audit), the approve service (queues
 the run), then the worker's execution service (claim with SELECT FOR UPDATE, driver, numbered
@@ -32,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 WORKERS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 MODE = sys.argv[3] if len(sys.argv) > 3 else "processes"
+RELOCATE_DELAY_MS = int(os.environ.get("RELOCATE_DELAY_MS", "0"))
 if MODE not in ("processes", "threads"):
     sys.exit(f"worker mode must be processes or threads, not {MODE!r}")
 
@@ -76,7 +80,7 @@ def main() -> None:
     hosts_per_cluster = 4
     vms_per_host = max(1, -(-(N + 1) // hosts_per_cluster))  # one more for the measured move
     flags = ["-dc", "1", "-cluster", "1", "-host", str(hosts_per_cluster), "-standalone", "0",
-             "-vm", str(vms_per_host), "-ds", "2"]
+             "-vm", str(vms_per_host), "-ds", "2", "-relocate-delay-ms", str(RELOCATE_DELAY_MS)]
     with running_vcsim(flags) as (url, ca):
         parts = urlsplit(url)
         conn = HypervisorConnection(name="bench", kind="vcenter", url=f"https://{parts.hostname}:{parts.port}{parts.path}",
@@ -176,6 +180,7 @@ def main() -> None:
     for step, (queries, trips, cpu_s, wall_s) in cost.items():
         print(f"  {step:8} {queries:3} queries, {trips} SOAP round trips, {1000 * cpu_s:5.1f} ms CPU, "
               f"{1000 * wall_s:5.1f} ms")
+    print(f"vcsim RelocateVM_Task delay: {RELOCATE_DELAY_MS} ms")
     print(f"plain pyvmomi loop:  {N / plain_s:7.1f} relocations/s  ({plain_s:.2f} s)")
     print(f"portal, {WORKERS} worker {MODE}:  {moves / portal_s:7.1f} migrations/s  ({portal_s:.2f} s, "
           f"of which submit+approve {submitted_s:.2f} s, i.e. {1000 * submitted_s / moves:.1f} ms a move)")
