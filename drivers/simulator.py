@@ -378,6 +378,19 @@ class SimulatorDriver(Driver):
                     )
         return vm, host, ds
 
+    def _place(self, s: dict, vm_ref: str, host: dict | None, ds: dict | None) -> dict:
+        """Put the VM on its new host and/or its disks on the new datastore (moving the space used)."""
+        live = self._find(s["vms"], vm_ref, "VM")
+        if host is not None:
+            live["host"] = host["ref"]
+        if ds is not None:
+            for disk in live["disks"]:
+                if disk["ds"] != ds["ref"]:
+                    self._find(s["datastores"], disk["ds"], "datastore")["used"] -= disk["size"]
+                    self._find(s["datastores"], ds["ref"], "datastore")["used"] += disk["size"]
+                    disk["ds"] = ds["ref"]
+        return live
+
     def _new_task(self, s: dict, vm_ref: str) -> str:
         s["task_counter"] = int(s.get("task_counter", 0)) + 1
         task_id = f"sim-task-{s['task_counter']}"
@@ -511,15 +524,7 @@ class SimulatorDriver(Driver):
             )
 
         with self._state() as s:
-            live = self._find(s["vms"], spec.vm_ref, "VM")
-            if host is not None:
-                live["host"] = host["ref"]
-            if ds is not None:
-                for disk in live["disks"]:
-                    if disk["ds"] != ds["ref"]:
-                        self._find(s["datastores"], disk["ds"], "datastore")["used"] -= disk["size"]
-                        self._find(s["datastores"], ds["ref"], "datastore")["used"] += disk["size"]
-                        disk["ds"] = ds["ref"]
+            live = self._place(s, spec.vm_ref, host, ds)
             s["tasks"][task_id].update(state=TaskState.SUCCEEDED.value, message="")
             placement = Placement(live["host"], {d["key"]: d["ds"] for d in live["disks"]})
         on_progress(
@@ -584,7 +589,7 @@ class SimulatorDriver(Driver):
             with self._state() as st:
                 if was_on:
                     self._find(st["vms"], spec.vm_ref, "VM")["power"] = "on"
-                st["tasks"][task_id] = {"state": state.value, "message": message}
+                st["tasks"][task_id].update(state=state.value, message=message)
 
         copied = 0.0
         while True:
@@ -601,17 +606,9 @@ class SimulatorDriver(Driver):
                                        bytes_total=moving, rate_bytes_per_s=rate, task_id=task_id,
                                        eta_s=(moving - copied) / rate))
         with self._state() as s:
-            live = self._find(s["vms"], spec.vm_ref, "VM")
-            if host is not None:
-                live["host"] = host["ref"]
-            if ds is not None:
-                for disk in live["disks"]:
-                    if disk["ds"] != ds["ref"]:
-                        self._find(s["datastores"], disk["ds"], "datastore")["used"] -= disk["size"]
-                        self._find(s["datastores"], ds["ref"], "datastore")["used"] += disk["size"]
-                        disk["ds"] = ds["ref"]
+            live = self._place(s, spec.vm_ref, host, ds)
             live["power"] = "on" if was_on else "off"
-            s["tasks"][task_id] = {"state": TaskState.SUCCEEDED.value, "message": ""}
+            s["tasks"][task_id].update(state=TaskState.SUCCEEDED.value, message="")
             placement = Placement(live["host"], {d["key"]: d["ds"] for d in live["disks"]})
         on_progress(ProgressUpdate(Phase.DONE, 100.0, bytes_done=moving, bytes_total=moving, task_id=task_id,
                                    message="powered on at the target" if was_on else "moved (it stays powered off)"))

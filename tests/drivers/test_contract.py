@@ -236,9 +236,12 @@ def test_cold_move_moves_host_and_disks_and_restores_the_power_state(harness):
 
     spec = harness.both_spec()
     updates: list[ProgressUpdate] = []
+    since = time.time() - 5
     result = harness.driver.cold_move(spec, on_progress=updates.append, cancel=threading.Event())
     after = harness.independent_placement(spec.vm_ref)
     assert after.host_ref == spec.target_host_ref == result.placement.host_ref
+    if harness.driver.supports(Capability.TASKS_BY_VM):  # crash recovery finds a cold move by its VM too
+        assert result.task_id in {t.task_id for t in harness.driver.migration_tasks(spec.vm_ref, since=since)}
     assert set(after.disk_datastores.values()) == {spec.target_datastore_ref}
     assert_progress_well_formed(updates)
     inv = harness.driver.inventory()
