@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
@@ -18,7 +17,7 @@ from migrations_app.forms import CommentForm, PlanBuildForm, RejectForm
 from migrations_app.models import Cluster, Datastore, Host, MovePlan, PlanItem
 from migrations_app.services import plans as plan_services
 from migrations_app.services.errors import ActionRefused
-from migrations_app.views import _deny, client_ip
+from migrations_app.views import _deny, client_ip, run_action
 
 
 @login_required
@@ -102,16 +101,9 @@ def plan_detail(request, pk: int):
 
 def _act(request, pk: int, service, **kwargs):
     plan = _visible_plan(request, pk)
-    try:
-        service(plan=plan, actor=request.user, ip=client_ip(request), **kwargs)
-    except ActionRefused as exc:
-        messages.error(request, f"Plan #{pk}: {exc.message}.")
-        status = 403 if exc.denied else 409 if exc.conflict else 400
-        if request.htmx:
-            return HttpResponse(exc.message, status=status)
-    else:
-        messages.success(request, f"Plan #{pk}: done.")
-    return redirect("plan_detail", pk=pk)
+    refused = run_action(request, f"Plan #{pk}",
+                         lambda: service(plan=plan, actor=request.user, ip=client_ip(request), **kwargs))
+    return refused or redirect("plan_detail", pk=pk)
 
 
 @login_required

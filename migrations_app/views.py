@@ -218,18 +218,26 @@ def request_detail(request, pk: int):
     return render(request, template, _detail_context(request, mr))
 
 
+def run_action(request, label: str, call):
+    """Run a service call for a page's POST: its refusal becomes a message (and, for htmx, the
+    status the API uses: 403 not allowed, 409 state conflict, 400 bad input). None when the page
+    should go back to where it was."""
+    try:
+        call()
+    except ActionRefused as exc:
+        messages.error(request, f"{label}: {exc.message}.")
+        if request.htmx:
+            return HttpResponse(exc.message, status=403 if exc.denied else 409 if exc.conflict else 400)
+    else:
+        messages.success(request, f"{label}: done.")
+    return None
+
+
 def _act(request, pk: int, service, **kwargs):
     mr = _visible_request(request, pk)
-    try:
-        service(request=mr, actor=request.user, ip=client_ip(request), **kwargs)
-    except ActionRefused as exc:
-        messages.error(request, f"Request #{pk}: {exc.message}.")
-        status = 403 if exc.denied else 409 if exc.conflict else 400
-        if request.htmx:
-            return HttpResponse(exc.message, status=status)
-    else:
-        messages.success(request, f"Request #{pk}: done.")
-    return _back(request, pk)
+    refused = run_action(request, f"Request #{pk}",
+                         lambda: service(request=mr, actor=request.user, ip=client_ip(request), **kwargs))
+    return refused or _back(request, pk)
 
 
 def _back(request, pk: int):

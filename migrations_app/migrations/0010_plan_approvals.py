@@ -37,7 +37,7 @@ class Migration(migrations.Migration):
             name='PlanApproval',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('stage', models.PositiveIntegerField(help_text="Index into the plan's approval_plan stages.")),
+                ('stage', models.PositiveIntegerField(help_text='Index into the approval_plan stages.')),
                 ('at', models.DateTimeField()),
                 ('comment', models.TextField(blank=True)),
                 ('groups', models.JSONField(blank=True, default=list, help_text="The stage's groups the approver was in.")),

@@ -109,16 +109,24 @@ class PolicyStage(models.Model):
             raise ValidationError({"count": "only an n_distinct stage takes a count"})
 
 
-class RequestApproval(models.Model):
-    """One approver's signature on one stage of a request (a person signs a stage once)."""
+class StageSignature(models.Model):
+    """What one approver's signature on one approval stage records (of a request or a move plan)."""
 
-    request = models.ForeignKey("migrations_app.MigrationRequest", on_delete=models.PROTECT, related_name="approvals")
-    stage = models.PositiveIntegerField(help_text="Index into the request's approval_plan stages.")
+    stage = models.PositiveIntegerField(help_text="Index into the approval_plan stages.")
     approver = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     at = models.DateTimeField()
     comment = models.TextField(blank=True)
     groups = models.JSONField(default=list, blank=True, help_text="The stage's groups the approver was in.")
     bypass = models.BooleanField(default=False, help_text="An admin's approval under ADMIN_BYPASS_APPROVAL.")
+
+    class Meta:
+        abstract = True
+
+
+class RequestApproval(StageSignature):
+    """One approver's signature on one stage of a request (a person signs a stage once)."""
+
+    request = models.ForeignKey("migrations_app.MigrationRequest", on_delete=models.PROTECT, related_name="approvals")
 
     class Meta:
         ordering = ["request", "stage", "at", "id"]
@@ -129,17 +137,11 @@ class RequestApproval(models.Model):
         return f"#{self.request_id} stage {self.stage + 1} by {self.approver}"
 
 
-class PlanApproval(models.Model):
+class PlanApproval(StageSignature):
     """One approver's signature on one stage of a move plan (as ``RequestApproval`` for a request).
     When the plan's last stage is signed, each of its moves' requests gets a copy of these rows."""
 
     plan = models.ForeignKey("migrations_app.MovePlan", on_delete=models.PROTECT, related_name="approvals")
-    stage = models.PositiveIntegerField(help_text="Index into the plan's approval_plan stages.")
-    approver = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
-    at = models.DateTimeField()
-    comment = models.TextField(blank=True)
-    groups = models.JSONField(default=list, blank=True, help_text="The stage's groups the approver was in.")
-    bypass = models.BooleanField(default=False, help_text="An admin's approval under ADMIN_BYPASS_APPROVAL.")
 
     class Meta:
         ordering = ["plan", "stage", "at", "id"]
