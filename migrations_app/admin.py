@@ -227,7 +227,9 @@ class ApprovalPolicyAdmin(AuditedAdmin):
     audit_fields = ApprovalPolicy.AUDITED_FIELDS
     list_display = ("name", "active", "version", "updated_at")
     fields = ("name", "description", "active", "version")
-    readonly_fields = ("version",)
+    # Activation goes through the "activate" action (the policy service: exactly one active policy,
+    # audited as a policy activation), never by ticking the box on one policy's form.
+    readonly_fields = ("active", "version")
     inlines = [PolicyRuleInline]
     actions = ["activate", "export_yaml", "export_json"]
     change_list_template = "admin/migrations_app/approvalpolicy/change_list.html"

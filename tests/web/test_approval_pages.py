@@ -203,3 +203,14 @@ def test_an_admin_edit_of_a_rule_is_audited_with_its_stages_and_raises_the_polic
     assert policy.version == version + 1
     refused = admin_client.post(url, _rule_form(rule, stage, conditions='{"size": 3}'))
     assert refused.status_code == 200 and "conditions.size: unknown condition" in refused.content.decode()
+
+
+def test_the_policy_form_cannot_switch_a_policy_off_activation_goes_through_the_action(admin_client):
+    policy = ApprovalPolicy.objects.get(active=True)
+    url = f"/admin/migrations_app/approvalpolicy/{policy.pk}/change/"
+    assert 'name="active"' not in admin_client.get(url).content.decode()
+    form = {"name": policy.name, "description": "edited", "rules-TOTAL_FORMS": 0, "rules-INITIAL_FORMS": 0,
+            "rules-MIN_NUM_FORMS": 0, "rules-MAX_NUM_FORMS": 1000}  # "active" left out: an unticked box
+    assert admin_client.post(url, form).status_code == 302
+    policy.refresh_from_db()
+    assert policy.active and policy.description == "edited"
