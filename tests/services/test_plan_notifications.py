@@ -178,3 +178,17 @@ def test_a_plans_webhook_payload_is_signed_and_verified_by_a_real_server(
     assert [j["category"] for j in per_vm] == [N.DECISION, N.DECISION, N.RUN_SUCCEEDED, N.RUN_SUCCEEDED]
     assert {j["request"]["plan"] for j in per_vm} == {plan.pk}
     assert NotificationDelivery.objects.filter(webhook=hook, status=DeliveryStatus.SENT).count() == 7
+
+
+def test_a_running_plan_cancelled_by_an_admin_is_told_once_and_not_again_when_it_ends(
+        tmp_path, people, review_everything, django_capture_on_commit_callbacks):
+    plan = built(tmp_path, people)
+    svc.move_plan_submit(plan=plan, actor=people["carol"])
+    svc.move_plan_approve(plan=plan, actor=people["erin"])
+    send_recorded()
+    with django_capture_on_commit_callbacks(execute=True):
+        svc.move_plan_cancel(plan=plan, actor=make_user("dan", Role.ADMIN), reason="freeze")
+    assert fresh(plan).status == P.CANCELLED
+    assert send_recorded() == [("carol@example.test", f"Cancelled: {what(plan)}")]
+    assert "freeze; the open moves are being stopped, the moves already done stay done" in mail.outbox[-1].body
+    assert not NotificationDelivery.objects.filter(request__isnull=False, channel="email").exists()

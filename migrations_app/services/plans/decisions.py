@@ -156,7 +156,9 @@ def move_plan_cancel(*, plan: MovePlan, actor, reason: str = "", ip: str | None 
         audit_plan(plan, actor=actor, action=AuditAction.PLAN_CANCELLED, reason=reason, ip=ip)
         # Told now, by whoever cancelled (a running plan then finishes as cancelled, without a
         # second mail): moves already done stay done, the open ones are aborted.
-        notifications.notify_plan(plan, N.CANCELLED, actor=actor, detail=reason)
+        detail = "; ".join(filter(None, [reason, "the open moves are being stopped, the moves already done stay done"
+                                         if plan.status == P.RUNNING else ""]))
+        notifications.notify_plan(plan, N.CANCELLED, actor=actor, detail=detail)
         if plan.status == P.RUNNING:
             plan.cancel_requested_at = timezone.now()
             plan.save(update_fields=["cancel_requested_at", "updated_at"])

@@ -138,8 +138,7 @@ def finish_if_done(plan: MovePlan) -> None:
     audit_plan(plan, actor=None, action=AuditAction.PLAN_FINISHED, reason=plan.summary,
            outcome=AuditOutcome.SUCCESS if target == P.DONE else AuditOutcome.FAILURE)
     if target in notifications.PLAN_FINISHED_CATEGORY:  # a cancelled plan was told at its cancel
-        notifications.notify_plan(plan, notifications.PLAN_FINISHED_CATEGORY[target], occasion="finished",
-                                  detail=plan.summary)
+        notifications.notify_plan(plan, notifications.PLAN_FINISHED_CATEGORY[target], occasion="finished")
 
 
 def move_plan_settle_stale() -> int:
