@@ -156,13 +156,15 @@ class AuditAction(models.TextChoices):
 class NotificationCategory(models.TextChoices):
     """What a notification is about; each user can mute any of them (the preferences page)."""
 
-    APPROVAL_WAITING = "approval_waiting", "A request waits for my approval"
-    DECISION = "decision", "My request was approved or rejected"
+    # A move plan's mails use the same categories (``notifications.notify_plan``): its final mail is
+    # run_succeeded when the plan is done, run_failed when it is partially done or failed.
+    APPROVAL_WAITING = "approval_waiting", "A request or plan waits for my approval"
+    DECISION = "decision", "My request or plan was approved or rejected"
     RUN_STARTED = "run_started", "My migration started"
-    RUN_SUCCEEDED = "run_succeeded", "My migration succeeded"
-    RUN_FAILED = "run_failed", "My migration failed or errored"
-    CANCELLED = "cancelled", "My request was cancelled"
-    EXPIRED = "expired", "My request expired"
+    RUN_SUCCEEDED = "run_succeeded", "My migration succeeded, or my plan is done"
+    RUN_FAILED = "run_failed", "My migration failed or errored, or my plan did not move every VM"
+    CANCELLED = "cancelled", "My request or plan was cancelled"
+    EXPIRED = "expired", "My request or plan expired"
 
 
 class DeliveryStatus(models.TextChoices):

@@ -9,6 +9,15 @@ retries with backoff and records the failure on the delivery.
 Who gets what: ``approval_waiting`` goes to ``selectors.current_approvers(request)``; every other
 category goes to the requester. Nobody is told about their own action, and muted categories
 (``NotificationPreference``) are not mailed. Webhooks get every category they subscribe to.
+
+Move plans (``notify_plan``) follow the same rules: ``approval_waiting`` to
+``selectors.current_plan_approvers(plan)`` once per stage that opens (occasion "plan-stage-N");
+to the plan's requester ``decision`` (approved, by people or by the policy, or rejected),
+``cancelled``, ``expired``, and one final mail when the plan finishes: ``run_succeeded`` when it is
+done, ``run_failed`` when it is partially done or failed, listing the VMs that did not move. The
+per-VM requests of a plan mail nobody (the plan's mails replace them, one per VM would flood the
+requester); webhooks still receive their events, marked with the plan's id, so a ticketing tool can
+follow each VM.
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from migrations_app import selectors
-from migrations_app.choices import DeliveryStatus, NotificationCategory
-from migrations_app.models import MigrationRequest, NotificationDelivery, NotificationPreference, Webhook
+from migrations_app.choices import DeliveryStatus, NotificationCategory, PlanItemStatus, PlanStatus
+from migrations_app.models import MigrationRequest, MovePlan, NotificationDelivery, NotificationPreference, Webhook
 
 log = logging.getLogger(__name__)
 C = NotificationCategory
@@ -91,6 +100,7 @@ def payload(request: MigrationRequest, category: str, detail: str) -> dict:
             "target": request.target_summary,
             "window": request.window_text,
             "url": request_url(request),
+            "plan": plan_id_of(request),
         },
         "detail": detail,
         "at": timezone.now().isoformat(),
@@ -102,19 +112,51 @@ def muted_categories(user) -> set[str]:
     return set(pref or [])
 
 
+def plan_id_of(request: MigrationRequest) -> int | None:
+    """The move plan this request is a per-VM attempt of, or None. Every attempt carries it from
+    its creation (``services.plans.approval.copy_signatures``), before the item links to it."""
+    plan_id = (request.approval_plan or {}).get("plan")
+    return int(plan_id) if plan_id else None
+
+
 def notify(request: MigrationRequest, category: str, *, occasion: str = "", actor=None, detail: str = "") -> list[int]:
     """Record who must hear about this change (call inside the service's transaction) and send on
-    commit. Returns the ids of the deliveries recorded now (a repeat of an occasion records none)."""
+    commit. Returns the ids of the deliveries recorded now (a repeat of an occasion records none).
+    A plan's per-VM request mails nobody (its plan tells the people); webhooks still get it."""
     if category not in C.values:
         raise ValueError(f"unknown notification category {category!r}")
-    users = selectors.current_approvers(request) if category == C.APPROVAL_WAITING else [request.requester]
+    if plan_id_of(request) is not None:
+        users = []
+    elif category == C.APPROVAL_WAITING:
+        users = selectors.current_approvers(request)
+    else:
+        users = [request.requester]
+    return _record(users, category, about={"request": request}, occasion=occasion, actor=actor,
+                   subject=_subject(request, category), body=_body(request, category, detail),
+                   data=payload(request, category, detail))
+
+
+def notify_plan(plan: MovePlan, category: str, *, occasion: str = "", actor=None, detail: str = "") -> list[int]:
+    """``notify`` for a move plan: its current approvers for ``approval_waiting``, its requester
+    for every other category."""
+    if category not in C.values:
+        raise ValueError(f"unknown notification category {category!r}")
+    users = selectors.current_plan_approvers(plan) if category == C.APPROVAL_WAITING else [plan.requester]
+    return _record(users, category, about={"plan": plan}, occasion=occasion, actor=actor,
+                   subject=_plan_subject(plan, category), body=_plan_body(plan, category, detail),
+                   data=plan_payload(plan, category, detail))
+
+
+def _record(users, category: str, *, about: dict, occasion: str, actor, subject: str, body: str,
+            data: dict) -> list[int]:
+    """One delivery per recipient (users, then the webhooks that want the category) about the
+    request or plan in ``about``; the new pending ones are sent on commit."""
     actor_id = getattr(actor, "pk", None)
-    subject, body, data = _subject(request, category), _body(request, category, detail), payload(request, category, detail)
     new: list[int] = []
 
     def record(recipient: str, **fields) -> None:
         delivery, created = NotificationDelivery.objects.get_or_create(
-            request=request, category=category, recipient=recipient, occasion=occasion,
+            **about, category=category, recipient=recipient, occasion=occasion,
             defaults={"subject": subject[:200], "body": body, "payload": data, **fields},
         )
         if created and delivery.status == DeliveryStatus.PENDING:
@@ -132,6 +174,85 @@ def notify(request: MigrationRequest, category: str, *, occasion: str = "", acto
     if new:
         transaction.on_commit(lambda: _enqueue(new), robust=True)
     return new
+
+
+# -- move plans -------------------------------------------------------------------------------
+
+# The plan statuses its final mail is about, and the category that mail belongs to.
+PLAN_FINISHED_CATEGORY = {PlanStatus.DONE: C.RUN_SUCCEEDED, PlanStatus.PARTIALLY_DONE: C.RUN_FAILED,
+                          PlanStatus.FAILED: C.RUN_FAILED}
+_NOT_MOVED = (PlanItemStatus.FAILED, PlanItemStatus.CANCELLED)
+
+
+def plan_url(plan: MovePlan) -> str:
+    return f"{settings.PORTAL['BASE_URL']}/plans/{plan.pk}/"
+
+
+def _plan_what(plan: MovePlan) -> str:
+    return f"plan #{plan.pk}: {plan.get_kind_display().lower()} {plan.subject_name}"
+
+
+def _plan_subject(plan: MovePlan, category: str) -> str:
+    what = _plan_what(plan)
+    return {
+        C.APPROVAL_WAITING: f"Waiting for your approval: {what}",
+        C.DECISION: f"{plan.get_status_display()}: {what}",
+        C.RUN_STARTED: f"Started: {what}",
+        C.RUN_SUCCEEDED: f"{plan.get_status_display()}: {what}",
+        C.RUN_FAILED: f"{plan.get_status_display()}: {what}",
+        C.CANCELLED: f"Cancelled: {what}",
+        C.EXPIRED: f"Expired: {what}",
+    }[category]
+
+
+def _plan_subject_data(plan: MovePlan) -> dict:
+    return {kind: getattr(plan, f"subject_{kind}").name
+            for kind in ("host", "datastore", "cluster") if getattr(plan, f"subject_{kind}_id")}
+
+
+def _plan_body(plan: MovePlan, category: str, detail: str) -> str:
+    items = list(plan.items.select_related("vm").order_by("order"))
+    moving = sum(item.moves for item in items)
+    lines = [
+        _plan_subject(plan, category),
+        "",
+        f"Plan: {plan.get_kind_display()} {plan.subject_name}",
+        f"VMs: {len(items)} in the plan, {moving} to move",
+        f"Requested by: {plan.requester.username}",
+        f"Reason: {plan.reason}",
+        f"Status: {plan.get_status_display()}",
+    ]
+    if category in PLAN_FINISHED_CATEGORY.values() and plan.summary:
+        lines.append(f"Outcome: {plan.summary}")
+        not_moved = [item for item in items if item.status in _NOT_MOVED]
+        if not_moved:
+            lines += ["", "Not moved:"] + [f"- {item.vm.name}: {item.explanation}" for item in not_moved]
+    if detail:
+        lines.append(f"Details: {detail}")
+    lines += ["", f"Open it: {plan_url(plan)}", "",
+              "You can mute categories of these mails under Notifications in the portal."]
+    return "\n".join(lines)
+
+
+def plan_payload(plan: MovePlan, category: str, detail: str) -> dict:
+    """What a webhook receives (JSON) about a plan."""
+    items = list(plan.items.select_related("vm").order_by("order"))
+    return {
+        "category": category,
+        "plan": {
+            "id": plan.pk,
+            "status": plan.status,
+            "kind": plan.kind,
+            "subject": _plan_subject_data(plan),
+            "items": len(items),
+            "requester": plan.requester.username,
+            "summary": plan.summary,
+            "not_moved": [item.vm.name for item in items if item.status in _NOT_MOVED],
+            "url": plan_url(plan),
+        },
+        "detail": detail,
+        "at": timezone.now().isoformat(),
+    }
 
 
 def _enqueue(delivery_ids: list[int]) -> None:

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from drivers.base import Capability
 from migrations_app import access
-from migrations_app.choices import AWAITING_DECISION, OPEN, TERMINAL, RequestStatus, Role
+from migrations_app.choices import AWAITING_DECISION, OPEN, TERMINAL, PlanStatus, RequestStatus, Role
 from migrations_app.estimates import Estimate, estimate
 from migrations_app.models import (
     AuditEntry,
@@ -100,6 +100,19 @@ def current_approvers(request: MigrationRequest) -> list[User]:
         reach |= Q(groups__name=Role.ADMIN) | Q(is_superuser=True)
     candidates = User.objects.filter(is_active=True).filter(reach).exclude(pk=request.requester_id).distinct()
     return [u for u in candidates.order_by("username") if access.can_decide(u, request)]
+
+
+def current_plan_approvers(plan) -> list[User]:
+    """The users who may sign the plan's current stage now (``access.can_decide_plan`` says yes for
+    each), found as ``current_approvers`` finds a request's."""
+    if plan.status != PlanStatus.PENDING_APPROVAL or plan.current_stage >= len(plan.stages):
+        return []
+    stage = plan.stages[plan.current_stage]
+    reach = Q(groups__name__in=stage.groups)
+    if access.admin_bypass_enabled():
+        reach |= Q(groups__name=Role.ADMIN) | Q(is_superuser=True)
+    candidates = User.objects.filter(is_active=True).filter(reach).exclude(pk=plan.requester_id).distinct()
+    return [u for u in candidates.order_by("username") if access.can_decide_plan(u, plan)]
 
 
 @dataclass(frozen=True)

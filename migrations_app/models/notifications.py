@@ -1,5 +1,5 @@
 """Notifications: each user's muted categories, webhooks for chat and ITSM tools, and one delivery
-record per (request, category, recipient, occasion) so that nothing is ever sent twice."""
+record per (request or plan, category, recipient, occasion) so that nothing is ever sent twice."""
 
 from __future__ import annotations
 
@@ -63,14 +63,17 @@ class NotificationDelivery(models.Model):
     """One notification to one recipient (a user's mailbox or a webhook), recorded in the transaction
     of the change it tells about and sent after commit by a Celery task.
 
-    ``occasion`` separates legitimate repeats (an approval stage, a run); the unique constraint makes
-    a second delivery for the same occasion impossible.
+    It is about either a migration request or a move plan (exactly one of ``request`` and ``plan``).
+    ``occasion`` separates legitimate repeats (an approval stage, a run); the unique constraints make
+    a second delivery for the same subject, category, recipient and occasion impossible.
     """
 
     EMAIL, WEBHOOK = "email", "webhook"
 
-    request = models.ForeignKey("migrations_app.MigrationRequest", on_delete=models.CASCADE,
+    request = models.ForeignKey("migrations_app.MigrationRequest", null=True, blank=True, on_delete=models.CASCADE,
                                 related_name="notifications")
+    plan = models.ForeignKey("migrations_app.MovePlan", null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="notifications")
     category = models.CharField(max_length=30, choices=NotificationCategory.choices)
     occasion = models.CharField(max_length=50, blank=True)
     channel = models.CharField(max_length=10, choices=[(EMAIL, "E-mail"), (WEBHOOK, "Webhook")])
@@ -92,8 +95,17 @@ class NotificationDelivery(models.Model):
         ordering = ["-created_at", "-id"]
         verbose_name_plural = "notification deliveries"
         constraints = [
+            models.CheckConstraint(
+                condition=models.Q(request__isnull=False, plan__isnull=True)
+                | models.Q(request__isnull=True, plan__isnull=False),
+                name="notification_about_request_or_plan"),
+            # Two partial indexes: a NULL never equals a NULL in a plain unique index.
             models.UniqueConstraint(fields=["request", "category", "recipient", "occasion"],
+                                    condition=models.Q(request__isnull=False),
                                     name="unique_notification_per_occasion"),
+            models.UniqueConstraint(fields=["plan", "category", "recipient", "occasion"],
+                                    condition=models.Q(plan__isnull=False),
+                                    name="unique_plan_notification_per_occasion"),
         ]
 
     def __str__(self) -> str:

@@ -40,6 +40,11 @@ def notify_plan_changed(plan: MovePlan) -> None:
     transaction.on_commit(lambda: events.emit(events.approvals_group(), payload))
 
 
+def plan_stage_occasion(plan: MovePlan) -> str:
+    """A plan's approvers are told once per stage that opens (a delivery per recipient and occasion)."""
+    return f"plan-stage-{plan.current_stage + 1}"
+
+
 def lock_plan(plan: MovePlan) -> MovePlan:
     return MovePlan.objects.select_for_update(of=("self",)).select_related("connection").get(pk=plan.pk)
 

@@ -10,8 +10,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from migrations_app import access
-from migrations_app.choices import CANCELABLE, AuditAction, RuleAction
+from migrations_app import access, notifications
+from migrations_app.choices import CANCELABLE, AuditAction, NotificationCategory, RuleAction
 from migrations_app.models import MovePlan, PlanItem
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.plans._common import (
@@ -21,12 +21,15 @@ from migrations_app.services.plans._common import (
     check_verdict,
     lock_plan,
     notify_plan_changed,
+    plan_stage_occasion,
     refusable,
     set_plan_status,
 )
 from migrations_app.services.plans.approval import judge_items, policy_data, sign_stage, stage_data
 from migrations_app.services.plans.build import fallback_choices
 from migrations_app.services.plans.execution import finish_if_done, start_attempt
+
+N = NotificationCategory
 
 
 @refusable(AuditAction.PLAN_FALLBACK_SET)
@@ -66,6 +69,8 @@ def move_plan_submit(*, plan: MovePlan, actor, ip: str | None = None) -> MovePla
         if decision.action == RuleAction.AUTO_APPROVE:
             _start(plan, approver=None, ip=None, action=AuditAction.PLAN_AUTO_APPROVED,
                    comment=f"approved by policy: {decision.note}", data={"policy": policy_data(decision)})
+        else:
+            notifications.notify_plan(plan, N.APPROVAL_WAITING, occasion=plan_stage_occasion(plan))
         notify_plan_changed(plan)
     return plan
 
@@ -89,6 +94,8 @@ def move_plan_approve(*, plan: MovePlan, actor, comment: str = "", ip: str | Non
                        comment=comment or f"admin bypass: stages {index + 1}-{len(plan.stages)} not signed")
             else:
                 _start(plan, approver=actor, ip=ip, action=AuditAction.PLAN_APPROVED, comment=comment, data=data)
+        elif plan.current_stage > index:  # the next stage opens: tell its approvers
+            notifications.notify_plan(plan, N.APPROVAL_WAITING, occasion=plan_stage_occasion(plan))
         notify_plan_changed(plan)
     return plan
 
@@ -99,6 +106,7 @@ def _start(plan: MovePlan, *, approver, comment: str, ip: str | None, action: Au
     plan.decided_by, plan.decided_at, plan.decision_comment = approver, timezone.now(), comment
     plan.save(update_fields=["status", "decided_by", "decided_at", "decision_comment", "updated_at"])
     audit_plan(plan, actor=approver, action=action, reason=comment, ip=ip, data=data)
+    notifications.notify_plan(plan, N.DECISION, occasion="approved", actor=approver, detail=comment)
     set_plan_status(plan, P.RUNNING)
     plan.save(update_fields=["status", "updated_at"])
     audit_plan(plan, actor=None, action=AuditAction.PLAN_STARTED)
@@ -129,6 +137,7 @@ def move_plan_reject(*, plan: MovePlan, actor, reason: str, ip: str | None = Non
                                  "updated_at"])
         plan.items.filter(status=Item.PLANNED).update(status=Item.CANCELLED)
         audit_plan(plan, actor=actor, action=AuditAction.PLAN_REJECTED, reason=reason, ip=ip)
+        notifications.notify_plan(plan, N.DECISION, occasion="rejected", actor=actor, detail=reason)
         notify_plan_changed(plan)
     return plan
 
@@ -145,6 +154,11 @@ def move_plan_cancel(*, plan: MovePlan, actor, reason: str = "", ip: str | None 
         check_verdict(access.can_cancel_plan(actor, plan))
         plan.items.filter(status=Item.PLANNED).update(status=Item.CANCELLED, explanation="Cancelled with the plan.")
         audit_plan(plan, actor=actor, action=AuditAction.PLAN_CANCELLED, reason=reason, ip=ip)
+        # Told now, by whoever cancelled (a running plan then finishes as cancelled, without a
+        # second mail): moves already done stay done, the open ones are aborted.
+        detail = "; ".join(filter(None, [reason, "the open moves are being stopped, the moves already done stay done"
+                                         if plan.status == P.RUNNING else ""]))
+        notifications.notify_plan(plan, N.CANCELLED, actor=actor, detail=detail)
         if plan.status == P.RUNNING:
             plan.cancel_requested_at = timezone.now()
             plan.save(update_fields=["cancel_requested_at", "updated_at"])
@@ -178,8 +192,9 @@ def move_plan_expire_stale(*, now: datetime | None = None) -> int:
             plan.finished_at = now
             plan.save(update_fields=["status", "finished_at", "updated_at"])
             plan.items.filter(status=Item.PLANNED).update(status=Item.CANCELLED)
-            audit_plan(plan, actor=None, action=AuditAction.PLAN_EXPIRED,
-                   reason=f"no decision within {settings.PORTAL['PENDING_EXPIRY_HOURS']:g} hours")
+            reason = f"no decision within {settings.PORTAL['PENDING_EXPIRY_HOURS']:g} hours"
+            audit_plan(plan, actor=None, action=AuditAction.PLAN_EXPIRED, reason=reason)
+            notifications.notify_plan(plan, N.EXPIRED, detail=reason)
             notify_plan_changed(plan)
             count += 1
     return count

@@ -6,6 +6,7 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
+from migrations_app import notifications
 from migrations_app.choices import ITEM_TERMINAL, TERMINAL, AuditAction, AuditOutcome, PlanFallback, RequestStatus
 from migrations_app.models import MigrationRequest, MovePlan, PlanItem, VirtualMachine
 from migrations_app.selectors import open_request_for_vm
@@ -136,6 +137,8 @@ def finish_if_done(plan: MovePlan) -> None:
     plan.save(update_fields=["status", "finished_at", "summary", "updated_at"])
     audit_plan(plan, actor=None, action=AuditAction.PLAN_FINISHED, reason=plan.summary,
            outcome=AuditOutcome.SUCCESS if target == P.DONE else AuditOutcome.FAILURE)
+    if target in notifications.PLAN_FINISHED_CATEGORY:  # a cancelled plan was told at its cancel
+        notifications.notify_plan(plan, notifications.PLAN_FINISHED_CATEGORY[target], occasion="finished")
 
 
 def move_plan_settle_stale() -> int:
