@@ -33,6 +33,7 @@ from migrations_app.services.policies import (
     approval_policy_import,
     install_default_policy,
 )
+from migrations_app.services.runs import queueing
 from tests.conftest import install_policy, make_user, other_host_same_cluster, running_vm
 
 S = RequestStatus
@@ -406,7 +407,6 @@ def test_concurrent_approvals_at_a_two_approver_stage_make_exactly_the_right_tra
                                                                                           monkeypatch):
     from django.db import connection
 
-    from migrations_app.services import runs as run_services
 
     assert connection.vendor == "postgresql", "this test needs real row locks"
     for name in ("frank", "grace"):
@@ -414,7 +414,7 @@ def test_concurrent_approvals_at_a_two_approver_stage_make_exactly_the_right_tra
     install_policy({"name": "Two approvers", "rules": [{"name": "all", "when": {}, "action": "stages", "stages": [
         {"name": "Pair", "groups": ["approver"], "mode": "n_distinct", "count": 2}]}]})
     dispatched: list[int] = []
-    monkeypatch.setattr(run_services, "dispatch", lambda run_id, task_id: dispatched.append(run_id))
+    monkeypatch.setattr(queueing, "dispatch", lambda run_id, task_id: dispatched.append(run_id))
     mr = submit(users["alice"], running_vm(datacenter))
     names = ["erin", "frank", "grace"]  # three approvers race for a stage that needs two
     barrier = threading.Barrier(len(names))

@@ -12,7 +12,7 @@ from migrations_app.choices import AuditAction, MigrationKind, Phase, RequestSta
 from migrations_app.models import AuditEntry, Datastore, MigrationRequest, MigrationRun, RunEvent, VirtualMachine
 from migrations_app.services import requests as svc
 from migrations_app.services.errors import ActionRefused
-from migrations_app.services.runs import migration_run_execute
+from migrations_app.services.runs import migration_run_execute, queueing
 from tests.conftest import other_host_same_cluster, running_vm
 
 S = RequestStatus
@@ -202,7 +202,7 @@ def test_a_lost_queue_message_is_sent_again_but_not_every_pass(datacenter, users
     from migrations_app.services import runs as run_services
 
     sent = []
-    monkeypatch.setattr(run_services, "dispatch", lambda run_id, task_id: sent.append(run_id))
+    monkeypatch.setattr(queueing, "dispatch", lambda run_id, task_id: sent.append(run_id))
     run = approved_run(users["alice"], users["erin"], running_vm(datacenter))
     assert run_services.migration_run_redispatch_stale(older_than_s=300) == 0  # just sent
     MigrationRun.objects.filter(pk=run.pk).update(dispatched_at=timezone.now() - timedelta(minutes=6))
@@ -218,7 +218,7 @@ def test_admission_control_holds_a_run_back_says_why_and_starts_it_when_room_fre
     datacenter.options = {**datacenter.options, "admission": {"host_max": 1}}  # one move per host at a time
     datacenter.save()
     sent = []
-    monkeypatch.setattr(run_services, "dispatch", lambda run_id, task_id: sent.append(run_id))
+    monkeypatch.setattr(queueing, "dispatch", lambda run_id, task_id: sent.append(run_id))
     vms = [vm for vm in VirtualMachine.objects.filter(connection=datacenter, power_state="on").order_by("pk")
            if not any(t.startswith("sim:") for t in vm.tags)]
     first_vm = next(v for v in vms if any(w.host_id == v.host_id for w in vms if w != v))
@@ -269,7 +269,7 @@ def test_a_claim_judges_a_run_as_the_whole_queue_would_from_the_runs_ahead_of_it
 
     datacenter.options = {**datacenter.options, "admission": {"host_max": 1}}  # one move per host at a time
     datacenter.save()
-    monkeypatch.setattr(run_services, "dispatch", lambda run_id, task_id: None)
+    monkeypatch.setattr(queueing, "dispatch", lambda run_id, task_id: None)
     vms = [vm for vm in VirtualMachine.objects.filter(connection=datacenter, power_state="on").order_by("pk")
            if not any(t.startswith("sim:") for t in vm.tags)]
     runs = [approved_run(users["carol"], users["erin"], vm) for vm in vms[:6]]
