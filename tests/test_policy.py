@@ -19,6 +19,7 @@ from migrations_app.policy.rules import (
     StageSpec,
     approval_helps,
     evaluate,
+    merged_stages,
     possible,
     stage_complete,
     stage_progress,
@@ -323,3 +324,24 @@ def test_the_estimator_refuses_an_unknown_kind():
 def test_environment_comes_from_the_env_tag():
     assert environment_of(["app:x", "env:production"]) == "production"
     assert environment_of(["app:x"]) == ""
+
+
+def _staged(*stages: StageSpec):
+    from migrations_app.policy.rules import Decision
+
+    return Decision("stages", "p", "r", "why", stages=stages)
+
+
+A, A2 = StageSpec("A", ("approver",)), StageSpec("again", ("approver",))
+SEC, BOARD2 = StageSpec("S", ("security",)), StageSpec("B", ("board",), "n_distinct", 2)
+
+
+@pytest.mark.parametrize("decisions, expected", [
+    ([(A, A2), (SEC,)], [A, A, SEC]),  # every group named, each as often as the most demanding rule
+    ([(A,), (A, A2)], [A, A]),  # the same stage is not asked twice over
+    ([(SEC,), (A,), (SEC, BOARD2)], [SEC, A, BOARD2]),  # in the order stages first appear
+    ([(BOARD2,), (StageSpec("B1", ("board",)),)], [BOARD2, StageSpec("B1", ("board",))]),  # 2 of board is not 1
+    ([], []),
+])
+def test_merged_stages_satisfy_every_decision(decisions, expected):
+    assert list(merged_stages([_staged(*d) for d in decisions])) == expected

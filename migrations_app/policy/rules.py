@@ -16,7 +16,7 @@ every stage asks for fresh eyes. The requester never approves at all (``access.c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,27 @@ class Decision:
 # The role whose members approve when no policy decides (no active policy, or no rule matched).
 FALLBACK_GROUP = "approver"
 FALLBACK_STAGES = (StageSpec("Approval", (FALLBACK_GROUP,), ApprovalMode.ANY),)
+
+
+def merged_stages(decisions: Sequence[Decision]) -> tuple[StageSpec, ...]:
+    """The stages that satisfy every one of several decisions (a move plan's moves): each distinct
+    stage (groups, mode, count) as many times as the most demanding decision asks for it, in the
+    order it first appears. E.g. [approver, approver] and [security] need [approver, approver,
+    security]: never fewer approvers, nor other groups, than any one move's rule names."""
+    wanted: dict[tuple, int] = {}
+    first: dict[tuple, StageSpec] = {}
+    order: list[tuple] = []
+    for decision in decisions:
+        seen: dict[tuple, int] = {}
+        for stage in decision.stages:
+            key = (tuple(sorted(stage.groups)), str(stage.mode), stage.needed)
+            seen[key] = seen.get(key, 0) + 1
+            if key not in first:
+                first[key] = stage
+                order.append(key)
+        for key, n in seen.items():
+            wanted[key] = max(wanted.get(key, 0), n)
+    return tuple(first[key] for key in order for _ in range(wanted[key]))
 
 
 def frozen_stages(approval_plan: Mapping | None) -> list[StageSpec]:

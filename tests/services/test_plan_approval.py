@@ -5,6 +5,7 @@ move (signed as a request's are), and a plan whose moves are all approved by the
 from __future__ import annotations
 
 import pytest
+from django.contrib.auth.models import User
 
 from migrations_app.choices import AuditAction, AuditOutcome, PlanItemStatus, PlanKind, PlanStatus, RequestStatus, Role
 from migrations_app.models import AuditEntry, Host, MigrationRequest, MovePlan, PlanApproval, RequestApproval
@@ -145,3 +146,52 @@ def test_the_plan_page_and_the_approvals_page_show_the_stages_and_offer_a_decisi
     page = client.get(f"/plans/{plan.pk}/").content.decode()
     assert 'id="plan-approve"' in page and "stage 2 of 2" in page
     assert "and decide" in client.get("/plans/queue/").content.decode()
+
+
+def test_moves_under_different_rules_make_the_plan_need_what_each_rule_asks_for(tmp_path, users):
+    make_user("sam", Role.APPROVER, teams=("security",))
+    install_policy({"name": "Tiers", "description": "", "rules": [
+        {"name": "prod", "when": {"tags_any": [PROD]}, "action": "stages",
+         "stages": [{"name": "P1", "groups": ["approver"], "mode": "any"},
+                    {"name": "P2", "groups": ["approver"], "mode": "any"}]},
+        {"name": "pci", "when": {"tags_any": ["pci"]}, "action": "stages",
+         "stages": [{"name": "Security", "groups": ["security"], "mode": "any"}]},
+        {"name": "rest", "when": {}, "action": "auto_approve"}]})
+    plan = submitted(tmp_path, users, {0: [PROD], 1: ["pci"]})
+    assert plan.approval_plan["rule"] == "prod + pci"
+    assert [s.groups for s in plan.stages] == [("approver",), ("approver",), ("security",)]
+    svc.move_plan_approve(plan=plan, actor=users["erin"])
+    svc.move_plan_approve(plan=plan, actor=users["bob"])
+    plan = fresh(plan)
+    assert plan.status == P.PENDING_APPROVAL and not MigrationRequest.objects.exists()  # security has not signed
+    with pytest.raises(ActionRefused):
+        svc.move_plan_approve(plan=plan, actor=users["erin"])  # not in security, and signed already
+    svc.move_plan_approve(plan=plan, actor=User.objects.get(username="sam"))
+    assert fresh(plan).status == P.RUNNING
+    pci = MigrationRequest.objects.get(vm__name="app-01")
+    assert pci.approvals.filter(approver__username="sam", groups=["security"]).exists()
+
+
+def test_a_cold_move_of_a_running_vm_is_judged_with_the_whole_move_as_downtime(tmp_path, users):
+    install_policy({"name": "Short downtime goes", "description": "", "rules": [
+        {"name": "short switchover", "when": {"downtime_ms_at_most": 5000}, "action": "auto_approve"},
+        {"name": "rest", "when": {}, "action": "stages",
+         "stages": [{"name": "Review", "groups": ["approver"], "mode": "any"}]}]})
+    conn = simulated_connection(tmp_path / "c.json", evacuation_state(0, local_vm=True))
+    src = Host.objects.get(connection=conn, name="src.lab")
+    plan = svc.move_plan_build(requester=users["carol"], kind=PlanKind.EVACUATE_HOST, host=src, reason="fw")
+    stuck = plan.items.select_related("vm").get(movable=False)
+    assert stuck.vm.power_state == "on"
+    svc.move_plan_set_fallback(plan=plan, actor=users["carol"], item=stuck, fallback="cold_move")
+    plan = svc.move_plan_submit(plan=plan, actor=users["carol"])
+    assert fresh(plan).status == P.PENDING_APPROVAL and plan.approval_plan["rule"] == "rest"
+    assert not MigrationRequest.objects.exists()  # powering a running VM off is never approved by itself
+
+
+def test_a_plan_approved_through_the_bypass_audits_each_move_as_a_bypass(tmp_path, users, settings):
+    settings.PORTAL = {**settings.PORTAL, "ADMIN_BYPASS_APPROVAL": True}
+    plan = submitted(tmp_path, users, {0: [PROD]}, n=1)
+    svc.move_plan_approve(plan=plan, actor=make_user("admin2", Role.ADMIN))
+    mr = MigrationRequest.objects.get()
+    actions = list(AuditEntry.objects.filter(request=mr).order_by("pk").values_list("action", flat=True))
+    assert AuditAction.REQUEST_BYPASS_APPROVED in actions and AuditAction.REQUEST_APPROVED not in actions

@@ -4,9 +4,10 @@ At submission the policy is evaluated for every VM the plan would move, with the
 move (an unsaved ``MigrationRequest`` stands for it: ``policy.facts.facts_for``):
 
 - a VM whose move the policy rejects stays where it is: its item is skipped, with the policy's reason;
-- the plan then needs the approval of its strictest item: the stages of the item decision with the
-  most stages (ties: the rule that comes first in the policy), frozen onto the plan with the
-  policy, rule and why (``MovePlan.approval_plan``, as on a request);
+- the plan then needs what every one of its moves' rules asks for: when they all match one rule,
+  that rule's stages; under several rules, their stages merged (``policy.rules.merged_stages``:
+  each distinct stage as often as the most demanding rule asks for it), frozen onto the plan with
+  the policy, rule(s) and why (``MovePlan.approval_plan``, as on a request);
 - when the policy approves every move automatically, so is the plan (``plan.auto_approved``).
 
 Approvers sign the plan's stages under the rules of ``access.can_decide_plan`` (the same as for a
@@ -16,6 +17,8 @@ the plan's frozen approval and a copy of its signatures, so its own page tells t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from django.utils import timezone
 
 from migrations_app import access
@@ -23,7 +26,7 @@ from migrations_app.choices import AuditAction, AuditOutcome, PlanFallback, Rule
 from migrations_app.models import MigrationRequest, MovePlan, PlanApproval, PlanItem, RequestApproval
 from migrations_app.models.plans import MOVES
 from migrations_app.policy.facts import facts_for
-from migrations_app.policy.rules import Approval, Decision, PolicySpec, evaluate, stage_complete
+from migrations_app.policy.rules import Approval, Decision, PolicySpec, evaluate, merged_stages, stage_complete
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.plans._common import Item, audit_plan
 from migrations_app.services.policies import active_policy
@@ -83,6 +86,11 @@ def judge_items(plan: MovePlan) -> tuple[Decision, str]:
     if not staged:  # every move is approved automatically: so is the plan
         return kept[0][1], kept[0][0].vm.name
     item, decision = min(staged, key=lambda pair: (-len(pair[1].stages), _rule_order(policy, pair[1])))
+    rules = sorted({(d.rule, d.fallback): d for _, d in staged}.values(), key=lambda d: _rule_order(policy, d))
+    merged = merged_stages(rules)
+    if len(merged) > len(decision.stages):  # the strictest move's stages do not cover the others' rules
+        decision = replace(decision, stages=merged, rule=" + ".join(d.rule for d in rules),
+                           why="its moves match several rules; the plan needs the approvals each of them asks for")
     return decision, item.vm.name
 
 

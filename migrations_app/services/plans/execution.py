@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from migrations_app import notifications
 from migrations_app.choices import ITEM_TERMINAL, TERMINAL, AuditAction, AuditOutcome, PlanFallback, RequestStatus
-from migrations_app.models import MigrationRequest, MovePlan, PlanItem, VirtualMachine
+from migrations_app.models import MigrationRequest, MovePlan, PlanApproval, PlanItem, VirtualMachine
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_record
 from migrations_app.services.errors import ActionRefused
@@ -54,9 +54,11 @@ def start_attempt(plan: MovePlan, item: PlanItem, *, approver, ip: str | None) -
                 f"signed by {who}" if who else f"by the approval policy ({(plan.approval_plan or {}).get('rule')})")
             if attempt > 1:
                 comment += f" (attempt {attempt} of {item.max_attempts})"
-            _approve_locked(request, approver=approver, comment=comment, ip=ip,
-                            action=AuditAction.REQUEST_APPROVED if who else AuditAction.REQUEST_AUTO_APPROVED,
-                            data={"plan": plan.pk, "attempt": attempt})
+            bypass = PlanApproval.objects.filter(plan=plan, bypass=True).exists()
+            action = (AuditAction.REQUEST_BYPASS_APPROVED if bypass else AuditAction.REQUEST_APPROVED if who
+                      else AuditAction.REQUEST_AUTO_APPROVED)
+            _approve_locked(request, approver=approver, comment=comment, ip=ip, action=action,
+                            data={"plan": plan.pk, "attempt": attempt, "bypass": bypass})
             notify_request_changed(request)
     except ActionRefused as exc:
         item.status = Item.FAILED
