@@ -6,6 +6,7 @@ serialize writers) so that each entry chains to the one committed just before it
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from migrations_app import audit_chain
 from migrations_app.choices import AuditAction, AuditOutcome
 from migrations_app.models import AuditEntry, MigrationRequest
 from migrations_app.secrets import key_from
+from migrations_app.services.errors import ActionRefused
 
 # Any constant: the advisory lock that serializes appends to the chain (held until commit).
 _CHAIN_LOCK = 7_402_113
@@ -95,6 +97,25 @@ def audit_denied(*, actor, action: AuditAction, reason: str, request: MigrationR
             actor=actor, action=action, request=request, outcome=AuditOutcome.DENIED, reason=reason, ip=ip,
             object_type=object_type, object_id=object_id,
         )
+
+
+def refusable(action: AuditAction, *, subject: str, where=lambda obj: {"request": obj}):
+    """Decorator for a service whose keyword ``subject`` names the object acted on: an
+    ActionRefused it raises is audited as denied (in its own transaction: the refused action
+    changed nothing), then re-raised. ``where`` gives the audit entry's link to that object."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*, actor, ip: str | None = None, **kwargs):
+            try:
+                return fn(actor=actor, ip=ip, **kwargs)
+            except ActionRefused as exc:
+                audit_denied(actor=actor, action=action, reason=exc.message, ip=ip, **where(kwargs[subject]))
+                raise
+
+        return inner
+
+    return wrap
 
 
 def audit_session(*, action: AuditAction, user=None, username: str = "", ip: str | None = None,

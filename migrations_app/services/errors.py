@@ -15,3 +15,9 @@ class ActionRefused(Exception):
         self.denied = denied  # an authorization refusal
         self.conflict = conflict  # the object's state does not allow it (decided, finished...)
         super().__init__(message)
+
+
+def refuse_unless(verdict) -> None:
+    """Raise the refusal an ``access.Verdict`` stands for: denied (rights) or conflict (state)."""
+    if not verdict:
+        raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)

@@ -15,8 +15,8 @@ from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRu
 from migrations_app.policy.facts import facts_for
 from migrations_app.policy.rules import Approval, Decision, evaluate, stage_complete
 from migrations_app.selectors import open_request_for_vm
-from migrations_app.services.audit import audit_denied, audit_record
-from migrations_app.services.errors import ActionRefused
+from migrations_app.services.audit import audit_denied, audit_record, refusable
+from migrations_app.services.errors import ActionRefused, refuse_unless
 from migrations_app.services.policies import active_policy
 from migrations_app.services.preflight import check_move
 
@@ -199,24 +199,6 @@ def _approve_locked(request: MigrationRequest, *, approver, comment: str, ip: st
         migration_run_enqueue(request=request, actor=approver)
 
 
-def _refusable(action: AuditAction):
-    """Decorator: an ActionRefused raised inside the service is audited (in its own transaction)."""
-
-    def wrap(fn):
-        def inner(*, request: MigrationRequest, actor, ip: str | None = None, **kwargs):
-            try:
-                return fn(request=request, actor=actor, ip=ip, **kwargs)
-            except ActionRefused as exc:
-                audit_denied(actor=actor, action=action, reason=exc.message, request=request, ip=ip)
-                raise
-
-        inner.__name__ = fn.__name__
-        inner.__doc__ = fn.__doc__
-        return inner
-
-    return wrap
-
-
 def _expire_if_window_closed(request: MigrationRequest, verdict: access.Verdict) -> str:
     """A decision refused because the request's window closed expires it in the same call (the
     expiry commits even though the decision is refused). Returns the reason, or ''."""
@@ -231,10 +213,10 @@ def _expire_if_window_closed(request: MigrationRequest, verdict: access.Verdict)
 def _refuse_decision(request: MigrationRequest, verdict: access.Verdict, expired: str) -> None:
     if expired:
         raise ActionRefused(f"{expired}, so the request has expired; nothing can be decided any more", conflict=True)
-    raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
+    refuse_unless(verdict)
 
 
-@_refusable(AuditAction.REQUEST_APPROVED)
+@refusable(AuditAction.REQUEST_APPROVED, subject="request")
 def migration_request_approve(*, request: MigrationRequest, actor, comment: str = "", ip: str | None = None) -> MigrationRequest:
     """An approver signs the request's current stage. When that completes the last stage the
     request is approved and its run queued (unless it starts later); otherwise the next stage waits.
@@ -289,7 +271,7 @@ def _sign_locked(request: MigrationRequest, *, actor, verdict: access.Verdict, c
                 notifications.notify(request, N.APPROVAL_WAITING, occasion=_stage_occasion(request))
 
 
-@_refusable(AuditAction.REQUEST_REJECTED)
+@refusable(AuditAction.REQUEST_REJECTED, subject="request")
 def migration_request_reject(*, request: MigrationRequest, actor, reason: str, ip: str | None = None) -> MigrationRequest:
     """An approver rejects, with a reason the requester will read. A request whose window closed
     cannot be rejected any more: it expires instead."""
@@ -315,7 +297,7 @@ def migration_request_reject(*, request: MigrationRequest, actor, reason: str, i
     return request
 
 
-@_refusable(AuditAction.REQUEST_CANCELLED)
+@refusable(AuditAction.REQUEST_CANCELLED, subject="request")
 def migration_request_cancel(*, request: MigrationRequest, actor, reason: str = "", ip: str | None = None) -> MigrationRequest:
     """Withdraw while pending or approved, dequeue while queued, abort on the hypervisor while running.
 
@@ -327,9 +309,7 @@ def migration_request_cancel(*, request: MigrationRequest, actor, reason: str = 
     reason = (reason or "").strip()
     with transaction.atomic():
         request = _lock(request)
-        verdict = access.can_cancel(actor, request)
-        if not verdict:
-            raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
+        refuse_unless(access.can_cancel(actor, request))
         now = timezone.now()
         run = getattr(request, "run", None)
         if request.status == S.RUNNING:

@@ -7,8 +7,8 @@ from django.db import transaction
 from migrations_app import events
 from migrations_app.choices import ITEM_TERMINAL, AuditAction, AuditOutcome, PlanItemStatus, PlanStatus
 from migrations_app.models import MovePlan
-from migrations_app.services.audit import audit_denied, audit_record
-from migrations_app.services.errors import ActionRefused
+from migrations_app.services.audit import audit_record
+from migrations_app.services.audit import refusable as audit_refusable
 
 P, Item = PlanStatus, PlanItemStatus
 
@@ -50,23 +50,7 @@ def lock_plan(plan: MovePlan) -> MovePlan:
 
 
 def refusable(action: AuditAction):
-    """An ActionRefused raised by the service is audited (in its own transaction), then re-raised."""
+    """``services.audit.refusable`` for a plan's services: a refusal is audited against the plan."""
+    return audit_refusable(action, subject="plan",
+                           where=lambda plan: {"object_type": "move_plan", "object_id": str(plan.pk)})
 
-    def wrap(fn):
-        def inner(*, plan: MovePlan, actor, ip: str | None = None, **kwargs):
-            try:
-                return fn(plan=plan, actor=actor, ip=ip, **kwargs)
-            except ActionRefused as exc:
-                audit_denied(actor=actor, action=action, reason=exc.message, ip=ip, object_type="move_plan",
-                             object_id=str(plan.pk))
-                raise
-
-        inner.__name__, inner.__doc__ = fn.__name__, fn.__doc__
-        return inner
-
-    return wrap
-
-
-def check_verdict(verdict) -> None:
-    if not verdict:
-        raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)

@@ -13,12 +13,11 @@ from django.utils import timezone
 from migrations_app import access, notifications
 from migrations_app.choices import CANCELABLE, AuditAction, NotificationCategory, RuleAction
 from migrations_app.models import MovePlan, PlanItem
-from migrations_app.services.errors import ActionRefused
+from migrations_app.services.errors import ActionRefused, refuse_unless
 from migrations_app.services.plans._common import (
     Item,
     P,
     audit_plan,
-    check_verdict,
     lock_plan,
     notify_plan_changed,
     plan_stage_occasion,
@@ -37,7 +36,7 @@ def move_plan_set_fallback(*, plan: MovePlan, actor, item: PlanItem, fallback: s
     """The requester chooses what happens to a VM that cannot move live."""
     with transaction.atomic():
         plan = lock_plan(plan)
-        check_verdict(access.can_edit_plan(actor, plan))
+        refuse_unless(access.can_edit_plan(actor, plan))
         item = PlanItem.objects.select_related("vm").get(pk=item.pk, plan=plan)
         if item.movable:
             raise ActionRefused(f"{item.vm.name} moves live; a fallback is only for VMs that cannot", field="fallback")
@@ -57,7 +56,7 @@ def move_plan_submit(*, plan: MovePlan, actor, ip: str | None = None) -> MovePla
     strictest move, or, when the policy approves every move by itself, it starts at once."""
     with transaction.atomic():
         plan = lock_plan(plan)
-        check_verdict(access.can_edit_plan(actor, plan))
+        refuse_unless(access.can_edit_plan(actor, plan))
         decision, strictest_vm = judge_items(plan)
         plan.approval_plan = {**decision.snapshot(), "strictest_vm": strictest_vm}
         plan.current_stage = 0
@@ -85,7 +84,7 @@ def move_plan_approve(*, plan: MovePlan, actor, comment: str = "", ip: str | Non
     with transaction.atomic():
         plan = lock_plan(plan)
         verdict = access.can_decide_plan(actor, plan)
-        check_verdict(verdict)
+        refuse_unless(verdict)
         index = plan.current_stage
         if sign_stage(plan, actor=actor, verdict=verdict, comment=comment, ip=ip):
             data = {**stage_data(plan, index), "bypass": verdict.bypass}
@@ -127,7 +126,7 @@ def move_plan_reject(*, plan: MovePlan, actor, reason: str, ip: str | None = Non
     reason = (reason or "").strip()
     with transaction.atomic():
         plan = lock_plan(plan)
-        check_verdict(access.can_decide_plan(actor, plan))
+        refuse_unless(access.can_decide_plan(actor, plan))
         if not reason:
             raise ActionRefused("a rejection needs a reason the requester can act on", field="reason")
         set_plan_status(plan, P.REJECTED)
@@ -151,7 +150,7 @@ def move_plan_cancel(*, plan: MovePlan, actor, reason: str = "", ip: str | None 
     reason = (reason or "").strip()
     with transaction.atomic():
         plan = lock_plan(plan)
-        check_verdict(access.can_cancel_plan(actor, plan))
+        refuse_unless(access.can_cancel_plan(actor, plan))
         plan.items.filter(status=Item.PLANNED).update(status=Item.CANCELLED, explanation="Cancelled with the plan.")
         audit_plan(plan, actor=actor, action=AuditAction.PLAN_CANCELLED, reason=reason, ip=ip)
         # Told now, by whoever cancelled (a running plan then finishes as cancelled, without a
