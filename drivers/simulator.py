@@ -342,10 +342,22 @@ class SimulatorDriver(Driver):
             return bool(s["tasks"].get(task_id, {}).get("abort"))
 
     # -- write side -------------------------------------------------------------------------
-    def _validate(self, s: dict, spec: MigrationSpec) -> tuple[dict, dict | None, dict | None]:
+    def _targets(self, s: dict, spec: MigrationSpec) -> tuple[dict, dict | None, dict | None]:
+        """The VM, target host and target datastore a spec names (NotFound for an unknown one)."""
         vm = self._find(s["vms"], spec.vm_ref, "VM")
         host = self._find(s["hosts"], spec.target_host_ref, "host") if spec.target_host_ref else None
         ds = self._find(s["datastores"], spec.target_datastore_ref, "datastore") if spec.target_datastore_ref else None
+        return vm, host, ds
+
+    @staticmethod
+    def _check_usable(host: dict) -> None:
+        if not host["connected"]:
+            raise InvalidState(f"host {host['name']} is not connected")
+        if host["maintenance"]:
+            raise InvalidState(f"host {host['name']} is in maintenance mode")
+
+    def _validate(self, s: dict, spec: MigrationSpec) -> tuple[dict, dict | None, dict | None]:
+        vm, host, ds = self._targets(s, spec)
         if vm["power"] != "on":
             raise InvalidState(f"VM {vm['name']} is powered {vm['power']}; a live migration needs it running")
         if host is not None:
@@ -354,10 +366,7 @@ class SimulatorDriver(Driver):
             source = self._find(s["hosts"], vm["host"], "host")
             if host["cluster"] != source["cluster"]:
                 raise InvalidState(f"{host['name']} is in another cluster than {source['name']}")
-            if not host["connected"]:
-                raise InvalidState(f"host {host['name']} is not connected")
-            if host["maintenance"]:
-                raise InvalidState(f"host {host['name']} is in maintenance mode")
+            self._check_usable(host)
         final_host = host["ref"] if host else vm["host"]
         if ds is not None:
             if all(d["ds"] == ds["ref"] for d in vm["disks"]):
@@ -541,16 +550,11 @@ class SimulatorDriver(Driver):
 
     # -- cold move ---------------------------------------------------------------------------
     def _validate_cold(self, s: dict, spec: MigrationSpec) -> tuple[dict, dict | None, dict | None]:
-        vm = self._find(s["vms"], spec.vm_ref, "VM")
-        host = self._find(s["hosts"], spec.target_host_ref, "host") if spec.target_host_ref else None
-        ds = self._find(s["datastores"], spec.target_datastore_ref, "datastore") if spec.target_datastore_ref else None
+        vm, host, ds = self._targets(s, spec)
         if host is not None:
             if host["ref"] == vm["host"] and ds is None:
                 raise InvalidState(f"VM {vm['name']} already runs on {host['name']}")
-            if not host["connected"]:
-                raise InvalidState(f"host {host['name']} is not connected")
-            if host["maintenance"]:
-                raise InvalidState(f"host {host['name']} is in maintenance mode")
+            self._check_usable(host)
         final_host = host["ref"] if host else vm["host"]
         if ds is not None:
             if final_host not in ds["hosts"]:
