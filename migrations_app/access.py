@@ -43,12 +43,20 @@ def deny(reason: str, *, conflict: bool = False) -> Verdict:
     return Verdict(False, reason, conflict)
 
 
+def group_names(user) -> frozenset[str]:
+    """The names of the user's groups, read once per user object (a page asks for every row)."""
+    cached = getattr(user, "_portal_groups", None)
+    if cached is None:
+        cached = user._portal_groups = frozenset(user.groups.values_list("name", flat=True))
+    return cached
+
+
 def roles(user) -> frozenset[str]:
     if not getattr(user, "is_authenticated", False) or not user.is_active:
         return frozenset()
     cached = getattr(user, "_portal_roles", None)
     if cached is None:
-        names = set(user.groups.values_list("name", flat=True))
+        names = group_names(user)
         cached = frozenset(Role) if user.is_superuser else frozenset(r for r in Role if r.value in names)
         user._portal_roles = cached
     return cached
@@ -102,7 +110,7 @@ def stage_groups_of(user, stage) -> tuple[str, ...]:
     through the admin bypass), so the bypass being off means something for them too."""
     if not has_role(user, Role.APPROVER):
         return ()
-    names = set(user.groups.values_list("name", flat=True))
+    names = group_names(user)
     return tuple(g for g in stage.groups if g in names)
 
 
