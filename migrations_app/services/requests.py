@@ -11,14 +11,15 @@ from django.utils import timezone
 
 from migrations_app import access, events, notifications, windows
 from migrations_app.choices import AuditAction, MigrationKind, NotificationCategory, RequestStatus, RuleAction
-from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RequestApproval, VirtualMachine
+from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.policy.facts import facts_for
-from migrations_app.policy.rules import Approval, Decision, evaluate, stage_complete
+from migrations_app.policy.rules import Decision, evaluate
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_denied, audit_record, refusable
 from migrations_app.services.errors import ActionRefused, refuse_unless
 from migrations_app.services.policies import active_policy
 from migrations_app.services.preflight import check_move
+from migrations_app.services.signatures import stage_label, stage_sign
 
 S = RequestStatus
 N = NotificationCategory
@@ -242,33 +243,21 @@ def migration_request_approve(*, request: MigrationRequest, actor, comment: str 
 
 def _sign_locked(request: MigrationRequest, *, actor, verdict: access.Verdict, comment: str, ip: str | None) -> None:
     """Record the approver's signature on the (locked) request's current stage and move it on."""
+    index, stage, groups = stage_sign(request, actor=actor, verdict=verdict, comment=comment)
     stages = request.stages
-    index = request.current_stage
-    stage = stages[index]
-    groups = [] if verdict.bypass else list(access.stage_groups_of(actor, stage))
-    RequestApproval.objects.create(request=request, stage=index, approver=actor, at=timezone.now(),
-                                   comment=comment, groups=groups, bypass=verdict.bypass)
     data = {**_plan_data(request), "stage": index + 1, "stages": len(stages), "stage_name": stage.name,
             "groups": groups, "bypass": verdict.bypass}
     if verdict.bypass:
-        request.current_stage = len(stages)
-        request.save(update_fields=["current_stage", "updated_at"])
         _approve_locked(request, approver=actor, ip=ip, action=AuditAction.REQUEST_BYPASS_APPROVED, data=data,
                         comment=comment or f"admin bypass: stages {index + 1}-{len(stages)} not signed")
+    elif request.current_stage >= len(stages):
+        _approve_locked(request, approver=actor, comment=comment, ip=ip, data=data)
     else:
-        signed = [Approval(a.approver_id, tuple(a.groups))
-                  for a in RequestApproval.objects.filter(request=request, stage=index)]
-        if stage_complete(stage, signed):
-            request.current_stage = index + 1
-        request.save(update_fields=["current_stage", "updated_at"])
-        if request.current_stage >= len(stages):
-            _approve_locked(request, approver=actor, comment=comment, ip=ip, data=data)
-        else:
-            signed_what = f"stage {index + 1} of {len(stages)}{f' ({stage.name})' if stage.name else ''}"
-            audit_record(actor=actor, action=AuditAction.REQUEST_STAGE_APPROVED, request=request,
-                         reason=f"{signed_what}: {comment}" if comment else signed_what, ip=ip, data=data)
-            if request.current_stage > index:  # the next stage opens: tell its approvers
-                notifications.notify(request, N.APPROVAL_WAITING, occasion=_stage_occasion(request))
+        signed_what = stage_label(index, stages)
+        audit_record(actor=actor, action=AuditAction.REQUEST_STAGE_APPROVED, request=request,
+                     reason=f"{signed_what}: {comment}" if comment else signed_what, ip=ip, data=data)
+        if request.current_stage > index:  # the next stage opens: tell its approvers
+            notifications.notify(request, N.APPROVAL_WAITING, occasion=_stage_occasion(request))
 
 
 @refusable(AuditAction.REQUEST_REJECTED, subject="request")

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from django.utils import timezone
-
 from migrations_app import access
 from migrations_app.choices import AuditAction, AuditOutcome, PlanFallback, RuleAction
 from migrations_app.models import MigrationRequest, MovePlan, PlanApproval, PlanItem, RequestApproval
 from migrations_app.models.plans import MOVES
 from migrations_app.policy.facts import facts_for
-from migrations_app.policy.rules import Approval, Decision, PolicySpec, evaluate, merged_stages, stage_complete
+from migrations_app.policy.rules import Decision, PolicySpec, evaluate, merged_stages
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.plans._common import Item, audit_plan
 from migrations_app.services.policies import active_policy
+from migrations_app.services.signatures import stage_label, stage_sign
 
 
 def item_decision(policy: PolicySpec | None, item: PlanItem) -> Decision:
@@ -97,21 +96,10 @@ def judge_items(plan: MovePlan) -> tuple[Decision, str]:
 def sign_stage(plan: MovePlan, *, actor, verdict: access.Verdict, comment: str, ip: str | None) -> bool:
     """Record the approver's signature on the (locked) plan's current stage and move it on.
     Returns whether the plan is now approved (its last stage complete, or the admin bypass)."""
+    index, stage, groups = stage_sign(plan, actor=actor, verdict=verdict, comment=comment)
     stages = plan.stages
-    index = plan.current_stage
-    stage = stages[index]
-    groups = [] if verdict.bypass else list(access.stage_groups_of(actor, stage))
-    PlanApproval.objects.create(plan=plan, stage=index, approver=actor, at=timezone.now(), comment=comment,
-                                groups=groups, bypass=verdict.bypass)
-    if verdict.bypass:
-        plan.current_stage = len(stages)
-    else:
-        signed = [Approval(a.approver_id, tuple(a.groups)) for a in PlanApproval.objects.filter(plan=plan, stage=index)]
-        if stage_complete(stage, signed):
-            plan.current_stage = index + 1
-    plan.save(update_fields=["current_stage", "updated_at"])
     if plan.current_stage < len(stages):
-        signed_what = f"stage {index + 1} of {len(stages)}{f' ({stage.name})' if stage.name else ''}"
+        signed_what = stage_label(index, stages)
         audit_plan(plan, actor=actor, action=AuditAction.PLAN_STAGE_APPROVED, ip=ip,
                    reason=f"{signed_what}: {comment}" if comment else signed_what,
                    data={**stage_data(plan, index), "groups": groups})
