@@ -113,6 +113,11 @@ class Decision:
             return self.why[:300]
         return f"{self.policy} v{self.policy_version}, rule “{self.rule}”: {self.why}"[:300]
 
+    def audit_data(self) -> dict:
+        """What an audit entry records of the decision: which policy and rule, and why."""
+        return {"policy": self.policy, "version": self.policy_version, "rule": self.rule, "why": self.why,
+                "action": str(self.action), "fallback": self.fallback}
+
     def snapshot(self) -> dict:
         """What is frozen onto the request at submission: editing the policy later changes nothing."""
         return {

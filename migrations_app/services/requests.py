@@ -13,7 +13,7 @@ from migrations_app import access, events, notifications, windows
 from migrations_app.choices import AuditAction, MigrationKind, NotificationCategory, RequestStatus, RuleAction
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.policy.facts import facts_for
-from migrations_app.policy.rules import Decision, evaluate
+from migrations_app.policy.rules import evaluate
 from migrations_app.selectors import open_request_for_vm
 from migrations_app.services.audit import audit_denied, audit_record, refusable
 from migrations_app.services.errors import ActionRefused, refuse_unless
@@ -140,29 +140,23 @@ def migration_request_submit(
             before=request.source_placement,
             after=_target_snapshot(request),
             data={"kind": kind, "start_after": start_after.isoformat() if start_after else None,
-                  "window_end": window_end.isoformat() if window_end else None, "policy": _policy_data(decision)},
+                  "window_end": window_end.isoformat() if window_end else None, "policy": decision.audit_data()},
         )
         if decision.action == RuleAction.AUTO_APPROVE:
             _approve_locked(request, approver=None, comment=decision.note, ip=None,
-                            action=AuditAction.REQUEST_AUTO_APPROVED, data={"policy": _policy_data(decision)})
+                            action=AuditAction.REQUEST_AUTO_APPROVED, data={"policy": decision.audit_data()})
         elif decision.action == RuleAction.AUTO_REJECT:
             set_status(request, S.REJECTED)
             request.decided_at = timezone.now()
             request.decision_comment = decision.reject_reason
             request.save(update_fields=["status", "decided_at", "decision_comment", "updated_at"])
             audit_record(actor=None, action=AuditAction.REQUEST_AUTO_REJECTED, request=request,
-                         reason=decision.reject_reason, data={"policy": _policy_data(decision)})
+                         reason=decision.reject_reason, data={"policy": decision.audit_data()})
             notifications.notify(request, N.DECISION, occasion="rejected", detail=decision.reject_reason)
         else:
             notifications.notify(request, N.APPROVAL_WAITING, occasion=_stage_occasion(request))
         notify_request_changed(request)
     return request
-
-
-def _policy_data(decision: Decision) -> dict:
-    """What an audit entry records of the policy's decision: which policy and rule, and why."""
-    return {"policy": decision.policy, "version": decision.policy_version, "rule": decision.rule,
-            "why": decision.why, "action": str(decision.action), "fallback": decision.fallback}
 
 
 def _plan_data(request: MigrationRequest) -> dict:

@@ -44,11 +44,6 @@ def _rule_order(policy: PolicySpec | None, decision: Decision) -> int:
     return names.index(decision.rule) if decision.rule in names and not decision.fallback else len(names)
 
 
-def policy_data(decision: Decision) -> dict:
-    return {"policy": decision.policy, "version": decision.policy_version, "rule": decision.rule,
-            "why": decision.why, "action": str(decision.action), "fallback": decision.fallback}
-
-
 def judge_items(plan: MovePlan) -> tuple[Decision, str]:
     """Evaluate the active policy for every planned move of the (locked) plan; skip the moves it
     rejects (audited one by one); return the decision the plan needs and the VM it is for.
@@ -72,7 +67,7 @@ def judge_items(plan: MovePlan) -> tuple[Decision, str]:
             item.save(update_fields=["status", "movable", "fallback", "blocker", "explanation", "policy_note"])
             audit_plan(plan, actor=None, action=AuditAction.PLAN_ITEM_SETTLED, outcome=AuditOutcome.FAILURE,
                        reason=item.explanation, vm_name=item.vm.name,
-                       data={"item": item.pk, "item_status": item.status, "policy": policy_data(decision),
+                       data={"item": item.pk, "item_status": item.status, "policy": decision.audit_data(),
                              "reject_reason": decision.reject_reason})
             refused.append(f"{item.vm.name}: {decision.reject_reason}")
         else:

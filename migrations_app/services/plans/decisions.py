@@ -24,7 +24,7 @@ from migrations_app.services.plans._common import (
     refusable,
     set_plan_status,
 )
-from migrations_app.services.plans.approval import judge_items, policy_data, sign_stage, stage_data
+from migrations_app.services.plans.approval import judge_items, sign_stage, stage_data
 from migrations_app.services.plans.build import fallback_choices
 from migrations_app.services.plans.execution import finish_if_done, start_attempt
 
@@ -63,11 +63,11 @@ def move_plan_submit(*, plan: MovePlan, actor, ip: str | None = None) -> MovePla
         set_plan_status(plan, P.PENDING_APPROVAL)
         plan.save(update_fields=["status", "approval_plan", "current_stage", "updated_at"])
         audit_plan(plan, actor=actor, action=AuditAction.PLAN_SUBMITTED, reason=plan.reason, ip=ip,
-                   data={"policy": {**policy_data(decision), "strictest_vm": strictest_vm},
+                   data={"policy": {**decision.audit_data(), "strictest_vm": strictest_vm},
                          "stages": len(decision.stages)})
         if decision.action == RuleAction.AUTO_APPROVE:
             _start(plan, approver=None, ip=None, action=AuditAction.PLAN_AUTO_APPROVED,
-                   comment=f"approved by policy: {decision.note}", data={"policy": policy_data(decision)})
+                   comment=f"approved by policy: {decision.note}", data={"policy": decision.audit_data()})
         else:
             notifications.notify_plan(plan, N.APPROVAL_WAITING, occasion=plan_stage_occasion(plan))
         notify_plan_changed(plan)
