@@ -30,6 +30,7 @@ import smtplib
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
@@ -123,17 +124,46 @@ def notify(request: MigrationRequest, category: str, *, occasion: str = "", acto
     """Record who must hear about this change (call inside the service's transaction) and send on
     commit. Returns the ids of the deliveries recorded now (a repeat of an occasion records none).
     A plan's per-VM request mails nobody (its plan tells the people); webhooks still get it."""
-    if category not in C.values:
-        raise ValueError(f"unknown notification category {category!r}")
-    if plan_id_of(request) is not None:
-        users = []
-    elif category == C.APPROVAL_WAITING:
-        users = selectors.current_approvers(request)
-    else:
-        users = [request.requester]
-    return _record(users, category, about={"request": request}, occasion=occasion, actor=actor,
-                   subject=_subject(request, category), body=_body(request, category, detail),
-                   data=payload(request, category, detail))
+    return notify_many([Notice(request, category, occasion, detail)], actor=actor)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One ``notify`` call's arguments, for ``notify_many``."""
+
+    request: MigrationRequest
+    category: str
+    occasion: str = ""
+    detail: str = ""
+
+
+def notify_many(notices: list[Notice], *, actor=None) -> list[int]:
+    """``notify`` for many requests at once (a batch of runs starting or ending): the webhooks,
+    the mutes and the deliveries already recorded are read once for all, and the new deliveries
+    are written by one INSERT."""
+    if not notices:
+        return []
+    hooks = list(Webhook.objects.filter(active=True))
+    muted: dict[int, set[str]] = {}
+    wanted: list[NotificationDelivery] = []
+    for notice in notices:
+        request, category = notice.request, notice.category
+        if category not in C.values:
+            raise ValueError(f"unknown notification category {category!r}")
+        if plan_id_of(request) is not None:
+            users = []
+        elif category == C.APPROVAL_WAITING:
+            users = selectors.current_approvers(request)
+        else:
+            users = [request.requester]
+        for user in users:
+            if user.pk not in muted:
+                muted[user.pk] = muted_categories(user)
+        wanted += _deliveries(users, category, about={"request": request}, occasion=notice.occasion, actor=actor,
+                              subject=_subject(request, category),
+                              body=_body(request, category, notice.detail),
+                              data=payload(request, category, notice.detail), hooks=hooks, muted=muted)
+    return _save_new(wanted)
 
 
 def notify_plan(plan: MovePlan, category: str, *, occasion: str = "", actor=None, detail: str = "") -> list[int]:
@@ -151,29 +181,63 @@ def _record(users, category: str, *, about: dict, occasion: str, actor, subject:
             data: dict) -> list[int]:
     """One delivery per recipient (users, then the webhooks that want the category) about the
     request or plan in ``about``; the new pending ones are sent on commit."""
+    muted = {user.pk: muted_categories(user) for user in users}
+    hooks = list(Webhook.objects.filter(active=True))
+    return _save_new(_deliveries(users, category, about=about, occasion=occasion, actor=actor, subject=subject,
+                                 body=body, data=data, hooks=hooks, muted=muted))
+
+
+def _deliveries(users, category: str, *, about: dict, occasion: str, actor, subject: str, body: str, data: dict,
+                hooks: list[Webhook], muted: dict[int, set[str]]) -> list[NotificationDelivery]:
+    """The deliveries one occasion calls for (not saved): each user not muting the category and
+    not the actor, then each webhook that wants it."""
     actor_id = getattr(actor, "pk", None)
-    new: list[int] = []
-
-    def record(recipient: str, **fields) -> None:
-        delivery, created = NotificationDelivery.objects.get_or_create(
-            **about, category=category, recipient=recipient, occasion=occasion,
-            defaults={"subject": subject[:200], "body": body, "payload": data, **fields},
-        )
-        if created and delivery.status == DeliveryStatus.PENDING:
-            new.append(delivery.pk)
-
+    common = {**about, "category": category, "occasion": occasion, "subject": subject[:200], "body": body,
+              "payload": data}
+    out = []
     for user in users:
-        if user.pk == actor_id or category in muted_categories(user):
+        if user.pk == actor_id or category in muted[user.pk]:
             continue
-        status = DeliveryStatus.PENDING if user.email else DeliveryStatus.SKIPPED
-        record(f"user:{user.pk}", channel=NotificationDelivery.EMAIL, user=user, address=user.email, status=status,
-               last_error="" if user.email else "the user has no e-mail address")
-    for hook in Webhook.objects.filter(active=True):
+        out.append(NotificationDelivery(
+            **common, recipient=f"user:{user.pk}", channel=NotificationDelivery.EMAIL, user=user,
+            address=user.email, status=DeliveryStatus.PENDING if user.email else DeliveryStatus.SKIPPED,
+            last_error="" if user.email else "the user has no e-mail address"))
+    for hook in hooks:
         if hook.wants(category):
-            record(f"webhook:{hook.pk}", channel=NotificationDelivery.WEBHOOK, webhook=hook, address=hook.url)
-    if new:
-        transaction.on_commit(lambda: _enqueue(new), robust=True)
-    return new
+            out.append(NotificationDelivery(**common, recipient=f"webhook:{hook.pk}",
+                                            channel=NotificationDelivery.WEBHOOK, webhook=hook, address=hook.url))
+    return out
+
+
+def _save_new(wanted: list[NotificationDelivery]) -> list[int]:
+    """Save the deliveries not recorded before (one per request or plan, category, recipient and
+    occasion: the unique constraints) and send the pending ones on commit; their ids."""
+    if not wanted:
+        return []
+
+    def key(d: NotificationDelivery) -> tuple:
+        return d.request_id, d.plan_id, d.category, d.recipient, d.occasion
+
+    seen: set[tuple] = set()
+    for about in ("request", "plan"):
+        ids = {getattr(d, f"{about}_id") for d in wanted if getattr(d, f"{about}_id")}
+        if ids:
+            rows = NotificationDelivery.objects.filter(**{f"{about}_id__in": ids},
+                                                       occasion__in={d.occasion for d in wanted})
+            seen.update(rows.values_list("request_id", "plan_id", "category", "recipient", "occasion"))
+    new = []
+    for delivery in wanted:
+        if key(delivery) not in seen:
+            seen.add(key(delivery))
+            new.append(delivery)
+    if len(new) == 1:
+        new[0].save(force_insert=True)
+    elif new:
+        NotificationDelivery.objects.bulk_create(new)
+    pending = [d.pk for d in new if d.status == DeliveryStatus.PENDING]
+    if pending:
+        transaction.on_commit(lambda: _enqueue(pending), robust=True)
+    return pending
 
 
 # -- move plans -------------------------------------------------------------------------------

@@ -51,13 +51,36 @@ def audit_record(
     actor_name: str = "",
 ) -> AuditEntry:
     """Append one audit entry. ``actor`` None means the system (a worker, the scheduler)."""
-    if not transaction.get_connection().in_atomic_block:
-        raise RuntimeError("audit entries are written inside the transaction of the action they record")
+    return audit_append([audit_entry(
+        actor=actor, action=action, request=request, object_type=object_type, object_id=object_id,
+        outcome=outcome, reason=reason, before=before, after=after, task_id=task_id, ip=ip, vm_name=vm_name,
+        data=data, actor_name=actor_name,
+    )])[0]
+
+
+def audit_entry(
+    *,
+    actor,
+    action: AuditAction,
+    request: MigrationRequest | None = None,
+    object_type: str = "",
+    object_id: str = "",
+    outcome: AuditOutcome = AuditOutcome.SUCCESS,
+    reason: str = "",
+    before: dict | None = None,
+    after: dict | None = None,
+    task_id: str = "",
+    ip: str | None = None,
+    vm_name: str = "",
+    data: dict | None = None,
+    actor_name: str = "",
+) -> AuditEntry:
+    """An audit entry not yet chained nor saved: ``audit_append`` appends a list of them at once."""
     if request is not None:
         object_type = object_type or "migration_request"
         object_id = object_id or str(request.pk)
         vm_name = vm_name or request.vm.name
-    entry = AuditEntry(
+    return AuditEntry(
         created_at=timezone.now(),
         actor=actor if getattr(actor, "pk", None) else None,
         actor_name=actor_name or getattr(actor, "username", "") or "system",
@@ -74,10 +97,28 @@ def audit_record(
         ip=ip or None,
         data=data or {},
     )
-    entry.prev_hash = _chain_tail()
-    entry.entry_hash = audit_chain.entry_hash(_content(entry))
-    entry.save(force_insert=True)
-    return entry
+
+
+def audit_append(entries: list[AuditEntry]) -> list[AuditEntry]:
+    """Chain and save entries made by ``audit_entry``, in their order, with one lock, one read of
+    the chain's tail and one INSERT (a batch of moves audits each move, at the cost of one)."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("audit entries are written inside the transaction of the action they record")
+    if not entries:
+        return []
+    prev = _chain_tail()
+    for entry in entries:
+        entry.prev_hash = prev
+        entry.entry_hash = prev = audit_chain.entry_hash(_content(entry))
+    if len(entries) == 1:
+        entries[0].save(force_insert=True)
+        return entries
+    AuditEntry.objects.bulk_create(entries)
+    ids = [entry.pk for entry in entries]
+    # The chain is verified in id order: the INSERT must have numbered the rows as listed.
+    if None in ids or ids != sorted(ids):
+        raise RuntimeError(f"audit entries were not numbered in the order they were chained: {ids}")
+    return entries
 
 
 def _content(entry: AuditEntry) -> dict:
