@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import enum
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # --------------------------------------------------------------------------------------------
@@ -426,3 +426,54 @@ class Driver(abc.ABC):
         and/or datastore, power it on again (if it ran). Drivers with ``Capability.COLD_MOVE``
         override this; the others refuse. Same errors and progress rules as ``migrate``."""
         raise Unsupported("this hypervisor driver cannot cold-move a VM")
+
+    # -- batches ---------------------------------------------------------------------------
+    # A worker that claims several runs at once hands them to the driver together, so a driver
+    # whose endpoint can answer for many objects in one call (vCenter's PropertyCollector) pays
+    # its round trips once per batch rather than once per move. The defaults call the one-move
+    # methods, each move in its own thread, so every driver supports batches.
+
+    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | DriverError]:
+        """``preflight`` for several moves: item i is specs[i]'s checks, or the DriverError that
+        kept them from being made (that move alone)."""
+        out: list[tuple[PreflightCheck, ...] | DriverError] = []
+        for spec in specs:
+            try:
+                out.append(self.preflight(spec))
+            except DriverError as exc:
+                out.append(exc)
+        return out
+
+    def migrate_many(
+        self,
+        specs: Sequence[MigrationSpec],
+        *,
+        on_progress: Callable[[int, ProgressUpdate], None],
+        cancels: Sequence[threading.Event],
+        cold: frozenset[int] = frozenset(),
+    ) -> list[MigrationResult | BaseException]:
+        """Run several moves, each to its end, each as ``migrate`` (``cold_move`` for the indexes
+        in ``cold``) would: item i is specs[i]'s result or the exception it ended with (a
+        DriverError, or any other exception: the portal's bug). ``on_progress(i, update)``
+        reports move i; ``cancels[i]`` stops move i alone. Blocks until every move has ended."""
+        if len(cancels) != len(specs):
+            raise ValueError(f"{len(specs)} moves but {len(cancels)} cancel events")
+        results: list[MigrationResult | BaseException | None] = [None] * len(specs)
+
+        def one(i: int) -> None:
+            move = self.cold_move if i in cold else self.migrate
+            try:
+                results[i] = move(specs[i], on_progress=lambda update: on_progress(i, update), cancel=cancels[i])
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which tells bugs apart
+                results[i] = exc
+
+        if len(specs) == 1:
+            one(0)
+        else:
+            threads = [threading.Thread(target=one, args=(i,), name=f"migrate-{i}", daemon=True)
+                       for i in range(len(specs))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        return [r if r is not None else RuntimeError("the move ended without a result") for r in results]

@@ -37,6 +37,15 @@ def execute_run(run_id: int) -> None:
     run_services.migration_run_execute(run_id=int(run_id), worker=worker_name())
 
 
+@shared_task(name="migrations_app.tasks.execute_runs", ignore_result=True)
+def execute_runs(run_ids: list[int]) -> None:
+    """A batch of runs of one connection (``runs.dispatch_many``), claimed and moved together."""
+    if not isinstance(run_ids, list) or not all(isinstance(pk, int) and not isinstance(pk, bool) for pk in run_ids):
+        log.error("execute_runs wants a list of run ids, got %r; message dropped", run_ids)
+        return
+    run_services.migration_runs_execute(run_ids=run_ids, worker=worker_name())
+
+
 @shared_task(name="migrations_app.tasks.dispatch_due", ignore_result=True)
 def dispatch_due() -> None:
     run_services.migration_request_start_due()

@@ -165,6 +165,10 @@ PORTAL = {
     # Keep it above the longest a driver call that starts a hypervisor task may take (the
     # driver's request timeout), so a slow worker is never judged lost before its start lands.
     "STALE_AFTER_S": float(os.environ.get("PORTAL_STALE_AFTER_S", "60")),
+    # Most runs of one connection a worker message carries (and a worker claims and moves
+    # together, see services.runs.execute). Runs queued in one transaction (a batch approval, a
+    # move plan) and runs sent again together travel in such batches; 1 sends one run a message.
+    "WORKER_BATCH": max(1, int(os.environ.get("PORTAL_WORKER_BATCH", "16"))),
     # A queued run whose broker message may be lost is sent again after this many seconds.
     "REDISPATCH_AFTER_S": float(os.environ.get("PORTAL_REDISPATCH_AFTER_S", "300")),
     # Past a move's budget by this much: a live worker aborts a move its driver did not stop, and

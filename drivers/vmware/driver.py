@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from pyVmomi import VmomiSupport, vim, vmodl
@@ -16,6 +16,7 @@ from drivers.base import (
     ConnectionConfig,
     ConnectionFailed,
     Driver,
+    DriverError,
     Inventory,
     MigrationFailed,
     MigrationKind,
@@ -25,6 +26,7 @@ from drivers.base import (
     Placement,
     PreflightCheck,
     ProgressCallback,
+    ProgressUpdate,
     TaskInfo,
     TaskState,
 )
@@ -38,7 +40,7 @@ from drivers.vmware.inventory import (
     read_placement,
     retrieve,
 )
-from drivers.vmware.moves import MoveFacts, assess_move, read_move_facts, relocate_spec
+from drivers.vmware.moves import MoveFacts, assess_move, read_move_facts, read_moves_facts, relocate_spec
 from drivers.vmware.session import (
     DEFAULT_API_VERSION,
     _CountingStub,
@@ -226,7 +228,9 @@ class VCenterDriver(Driver):
     def preflight(self, spec: MigrationSpec) -> tuple[PreflightCheck, ...]:
         """The inventory rules, plus vCenter's own CheckRelocate_Task where the endpoint has it
         (vcsim has not: the driver notices once and stops asking)."""
-        facts = self._run(lambda s: self._move_facts(s, spec))
+        return self._checks(spec, self._run(lambda s: self._move_facts(s, spec)))
+
+    def _checks(self, spec: MigrationSpec, facts: MoveFacts) -> tuple[PreflightCheck, ...]:
         checks = [PreflightCheck(c.name, c.ok, c.message if not c.ok else "passed") for c in assess_move(facts, spec)]
         if self._check_api is not False:
             checks.extend(self._check_relocate(facts))
@@ -269,24 +273,37 @@ class VCenterDriver(Driver):
     ) -> MigrationResult:
         started = time.monotonic()
         facts = self._run(lambda s: self._move_facts(s, spec))
+        progress = _ProgressReporter(on_progress)
+        task = self._start_move(spec, facts, progress)
+        at_once = self._run(lambda s: self._ended_at_once(s, [(task, spec)], started=started, cancels=[cancel]))[0]
+        return self._end_move(spec, facts, task, progress, started=started, cancel=cancel, at_once=at_once)
+
+    def _start_move(self, spec: MigrationSpec, facts: MoveFacts, progress: _ProgressReporter) -> Any:
+        """Judge the move on its facts (raising the first broken rule's error) and start its task."""
         failed = next((c for c in assess_move(facts, spec) if not c.ok), None)
         if failed is not None:
             raise failed.error(failed.message, code=failed.name)
-
-        progress = _ProgressReporter(on_progress)
         progress(Phase.PRECHECK, 0.0, message=f"moving {facts.vm.name}")
         task = self._run(
             lambda s: vim.VirtualMachine(spec.vm_ref, self._stub).RelocateVM_Task(spec=relocate_spec(facts, self._stub))
         )
-        task_id = task._moId
-        log.info("relocating %s (%s): %s started", facts.vm.name, spec.kind.value, task_id)
-        phase = Phase.MEMORY_PRECOPY if spec.kind == MigrationKind.COMPUTE else Phase.DISK_COPY
-        progress(phase, 0.0, task_id=task_id)
+        log.info("relocating %s (%s): %s started", facts.vm.name, spec.kind.value, task._moId)
+        progress(self._move_phase(spec), 0.0, task_id=task._moId)
+        return task
+
+    @staticmethod
+    def _move_phase(spec: MigrationSpec) -> Phase:
+        return Phase.MEMORY_PRECOPY if spec.kind == MigrationKind.COMPUTE else Phase.DISK_COPY
+
+    def _end_move(self, spec: MigrationSpec, facts: MoveFacts, task: Any, progress: _ProgressReporter, *,
+                  started: float, cancel: threading.Event,
+                  at_once: tuple[_TaskEnd, Placement | None] | None) -> MigrationResult:
+        """Follow a started task to its end (unless it ended at once) and read where the VM is."""
+        task_id, phase = task._moId, self._move_phase(spec)
 
         def on_task_progress(value: int | None) -> None:
             progress(phase, progress_percent(value, progress.percent), task_id=task_id)
 
-        at_once = self._run(lambda s: self._ended_at_once(s, task, spec, started=started, cancel=cancel))
         placement = None
         if at_once is not None:
             end, placement = at_once
@@ -309,37 +326,145 @@ class VCenterDriver(Driver):
             placement=placement, task_id=task_id, duration_s=time.monotonic() - started, message=message
         )
 
+    # -- batches: one read of the facts, one read of the ended tasks, for the whole batch ---
+    @_translated(context="checking the moves")
+    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | DriverError]:
+        facts = self._facts_many(specs)
+        if facts is None:
+            return super().preflight_many(specs)
+        out: list[tuple[PreflightCheck, ...] | DriverError] = []
+        for spec, fact in zip(specs, facts, strict=True):
+            if isinstance(fact, DriverError):
+                out.append(fact)
+                continue
+            try:
+                out.append(self._checks(spec, fact))
+            except DriverError as exc:
+                out.append(exc)
+        return out
+
+    def _facts_many(self, specs: Sequence[MigrationSpec]) -> list[MoveFacts | DriverError] | None:
+        """The facts of every move in one RetrievePropertiesEx; None when vCenter refused the batch
+        because one of its objects is gone (then each move is read alone and gets its own error)."""
+        try:
+            return self._run(lambda s: read_moves_facts(s, specs, stub=self._stub, page_size=self.page_size))
+        except vmodl.fault.ManagedObjectNotFound:
+            return None
+
+    @_translated(MigrationFailed, context="migrating the VM")
+    def _migrate_one(self, spec: MigrationSpec, facts: MoveFacts | None, task: Any, progress: _ProgressReporter, *,
+                     started: float, cancel: threading.Event,
+                     at_once: tuple[_TaskEnd, Placement | None] | None) -> MigrationResult:
+        return self._end_move(spec, facts, task, progress, started=started, cancel=cancel, at_once=at_once)
+
+    @_translated(MigrationFailed, context="migrating the VM")
+    def _start_one(self, spec: MigrationSpec, facts: MoveFacts | DriverError | None,
+                   progress: _ProgressReporter) -> tuple[MoveFacts, Any]:
+        if isinstance(facts, DriverError):
+            raise facts
+        if facts is None:
+            facts = self._run(lambda s: self._move_facts(s, spec))
+        return facts, self._start_move(spec, facts, progress)
+
+    def migrate_many(
+        self,
+        specs: Sequence[MigrationSpec],
+        *,
+        on_progress: Callable[[int, ProgressUpdate], None],
+        cancels: Sequence[threading.Event],
+        cold: frozenset[int] = frozenset(),
+    ) -> list[MigrationResult | BaseException]:
+        """Start every move (one read of all their facts first), read every task and VM in one
+        retrieval, and follow the tasks that had not ended, each in its own thread. A batch of
+        moves that end at once (vcsim's, small ones on vCenter) costs one round trip per move
+        plus two for the batch."""
+        if cold or len(specs) <= 1 or len(cancels) != len(specs):
+            return super().migrate_many(specs, on_progress=on_progress, cancels=cancels, cold=cold)
+        started = time.monotonic()
+        results: list[MigrationResult | BaseException | None] = [None] * len(specs)
+        try:
+            facts: list = self._translated_facts_many(specs)
+        except DriverError as exc:
+            return [exc] * len(specs)
+        reporters = [_ProgressReporter(lambda u, i=i: on_progress(i, u)) for i in range(len(specs))]
+        begun: dict[int, tuple[MoveFacts, Any]] = {}
+        for i, spec in enumerate(specs):
+            try:
+                begun[i] = self._start_one(spec, facts[i], reporters[i])
+            except DriverError as exc:
+                results[i] = exc
+        try:
+            ended = self._translated_ended_at_once(
+                [(task, specs[i]) for i, (_, task) in begun.items()], started, [cancels[i] for i in begun])
+        except DriverError:
+            ended = [None] * len(begun)  # follow each task on its own
+
+        def finish(i: int, at_once) -> None:
+            fact, task = begun[i]
+            try:
+                results[i] = self._migrate_one(specs[i], fact, task, reporters[i], started=started,
+                                               cancel=cancels[i], at_once=at_once)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                results[i] = exc
+
+        threads = []
+        for i, at_once in zip(begun, ended, strict=True):
+            if at_once is not None:
+                finish(i, at_once)
+            else:
+                threads.append(threading.Thread(target=finish, args=(i, None), name=f"follow-{i}", daemon=True))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return [r if r is not None else MigrationFailed("the move ended without a result") for r in results]
+
+    @_translated(context="reading the moves")
+    def _translated_facts_many(self, specs: Sequence[MigrationSpec]) -> list:
+        facts = self._facts_many(specs)
+        return facts if facts is not None else [None] * len(specs)
+
+    @_translated(context="reading the started tasks")
+    def _translated_ended_at_once(self, started_tasks: list[tuple[Any, MigrationSpec]], started: float,
+                                  cancels: list[threading.Event]) -> list:
+        if not started_tasks:
+            return []
+        return self._run(lambda s: self._ended_at_once(s, started_tasks, started=started, cancels=cancels))
+
     _unsuccessful = staticmethod(unsuccessful)
 
     def _ended_at_once(
-        self, session: _Session, task: Any, spec: MigrationSpec, *, started: float, cancel: threading.Event
-    ) -> tuple[_TaskEnd, Placement | None] | None:
-        """One read of the task and the VM together. A task that ended inside the call that started
-        it (vcsim's always do; a small move on vCenter may) needs no filter and no wait, and the VM's
-        placement comes with it: the move costs the round trips of a plain script. None when the
-        task is still running (then it is followed as usual)."""
-        vm = vim.VirtualMachine(spec.vm_ref, self._stub)
-        both = PC.FilterSpec(
-            objectSet=[PC.ObjectSpec(obj=task), PC.ObjectSpec(obj=vm)],
+        self, session: _Session, started_tasks: list[tuple[Any, MigrationSpec]], *, started: float,
+        cancels: Sequence[threading.Event]
+    ) -> list[tuple[_TaskEnd, Placement | None] | None]:
+        """One read of the tasks and their VMs together. A task that ended inside the call that
+        started it (vcsim's always do; a small move on vCenter may) needs no filter and no wait,
+        and the VM's placement comes with it: the move costs the round trips of a plain script.
+        Item i is None when task i is still running (then it is followed as usual)."""
+        objects = retrieve(session, [PC.FilterSpec(
+            objectSet=[PC.ObjectSpec(obj=obj) for task, spec in started_tasks
+                       for obj in (task, vim.VirtualMachine(spec.vm_ref, self._stub))],
             propSet=[
                 PC.PropertySpec(type=vim.Task, pathSet=TASK_PATHS),
                 PC.PropertySpec(type=vim.VirtualMachine, pathSet=PLACEMENT_PATHS),
             ],
-        )
-        objects = retrieve(session, [both], page_size=self.page_size)
-        info = next((props_of(o) for o in objects if isinstance(o.obj, vim.Task)), {})
-        state = info.get("info.state")
-        if state not in ("success", "error"):
-            return None
-        # As follow_task reports it: a cancel or timeout seen after the end still says it came late.
-        aborted = abort_reason(
-            cancel_requested=cancel.is_set(), elapsed_s=time.monotonic() - started, timeout_s=spec.timeout_s
-        )
-        end = _TaskEnd(state=state, error=info.get("info.error"), aborted=aborted)
-        if state != "success":
-            return end, None
-        vm_props = next((props_of(o) for o in objects if isinstance(o.obj, vim.VirtualMachine)), {})
-        return end, placement_of(spec.vm_ref, vm_props)
+        )], page_size=self.page_size)
+        by_ref = {o.obj._moId: props_of(o) for o in objects}
+        out: list[tuple[_TaskEnd, Placement | None] | None] = []
+        for (task, spec), cancel in zip(started_tasks, cancels, strict=True):
+            info = by_ref.get(task._moId, {})
+            state = info.get("info.state")
+            if state not in ("success", "error"):
+                out.append(None)
+                continue
+            # As follow_task reports it: a cancel or timeout seen after the end still says it came late.
+            aborted = abort_reason(
+                cancel_requested=cancel.is_set(), elapsed_s=time.monotonic() - started, timeout_s=spec.timeout_s
+            )
+            end = _TaskEnd(state=state, error=info.get("info.error"), aborted=aborted)
+            vm_props = by_ref.get(spec.vm_ref)
+            out.append((end, placement_of(spec.vm_ref, vm_props) if state == "success" and vm_props else None))
+        return out
 
     def _follow(
         self,

@@ -4,6 +4,7 @@ vMotion, or both at once)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,29 +141,45 @@ def read_move_facts(session: _Session, spec: MigrationSpec, *, stub: Any, page_s
     """Everything the rules need, in one RetrievePropertiesEx: the VM (and through its pool,
     its cluster), the target host (and its cluster), the target datastore.
     The VM's device list, by far the largest property, is read only when disks move."""
-    vm_spec = PC.ObjectSpec(
-        obj=vim.VirtualMachine(spec.vm_ref, stub),
-        selectSet=[
-            PC.TraversalSpec(
-                type=vim.VirtualMachine,
-                path="resourcePool",
-                skip=False,
-                selectSet=[PC.TraversalSpec(type=vim.ResourcePool, path="owner", skip=False)],
-            ),
-        ],
-    )
-    object_specs = [vm_spec]
-    if spec.target_host_ref:
-        object_specs.append(
-            PC.ObjectSpec(
+    facts = read_moves_facts(session, [spec], stub=stub, page_size=page_size)[0]
+    if isinstance(facts, DriverError):
+        raise facts
+    return facts
+
+
+def read_moves_facts(session: _Session, specs: Sequence[MigrationSpec], *, stub: Any,
+                     page_size: int) -> list[MoveFacts | DriverError]:
+    """``read_move_facts`` for several moves in one RetrievePropertiesEx (a worker's batch): item i
+    is specs[i]'s facts, or NotFound when its VM is gone. The device lists are read when any move
+    of the batch moves disks."""
+    object_specs, seen = [], set()
+
+    def add(ref: str, obj_spec) -> None:
+        if ref not in seen:
+            seen.add(ref)
+            object_specs.append(obj_spec)
+
+    for spec in specs:
+        add(spec.vm_ref, PC.ObjectSpec(
+            obj=vim.VirtualMachine(spec.vm_ref, stub),
+            selectSet=[
+                PC.TraversalSpec(
+                    type=vim.VirtualMachine,
+                    path="resourcePool",
+                    skip=False,
+                    selectSet=[PC.TraversalSpec(type=vim.ResourcePool, path="owner", skip=False)],
+                ),
+            ],
+        ))
+        if spec.target_host_ref:
+            add(spec.target_host_ref, PC.ObjectSpec(
                 obj=vim.HostSystem(spec.target_host_ref, stub),
                 selectSet=[PC.TraversalSpec(type=vim.HostSystem, path="parent", skip=False)],
-            )
-        )
-    if spec.target_datastore_ref:
-        object_specs.append(PC.ObjectSpec(obj=vim.Datastore(spec.target_datastore_ref, stub)))
+            ))
+        if spec.target_datastore_ref:
+            add(spec.target_datastore_ref, PC.ObjectSpec(obj=vim.Datastore(spec.target_datastore_ref, stub)))
     vm_paths = ["name", "runtime.host", "runtime.powerState", "resourcePool", "datastore"]
-    if spec.target_datastore_ref:
+    if any(spec.target_datastore_ref for spec in specs):
         vm_paths.append("config.hardware.device")
     prop_specs = [
         PC.PropertySpec(type=vim.VirtualMachine, pathSet=vm_paths),
@@ -176,12 +193,22 @@ def read_move_facts(session: _Session, spec: MigrationSpec, *, stub: Any, page_s
     ]
     objects = retrieve(session, [PC.FilterSpec(objectSet=object_specs, propSet=prop_specs)], page_size=page_size)
     by_ref = {o.obj._moId: props_of(o) for o in objects}
+    out: list[MoveFacts | DriverError] = []
+    for spec in specs:
+        try:
+            out.append(_facts_of(spec, by_ref))
+        except NotFound as exc:
+            out.append(exc)
+    return out
+
+
+def _facts_of(spec: MigrationSpec, by_ref: dict[str, dict]) -> MoveFacts:
     vm = by_ref.get(spec.vm_ref)
     if vm is None or vm.get("runtime.host") is None:
         raise NotFound(f"VM {spec.vm_ref} does not exist in vCenter or has no host")
     pool_ref = vm["resourcePool"]._moId if vm.get("resourcePool") is not None else ""
     owner = by_ref.get(pool_ref, {}).get("owner")
-    disks = disks_of(vm.get("config.hardware.device"))
+    disks = disks_of(vm.get("config.hardware.device")) if spec.target_datastore_ref else ()
     vm_facts = VmFacts(
         ref=spec.vm_ref,
         name=vm.get("name", spec.vm_ref),
@@ -194,7 +221,9 @@ def read_move_facts(session: _Session, spec: MigrationSpec, *, stub: Any, page_s
     )
     host_facts = None
     if spec.target_host_ref:
-        host = by_ref[spec.target_host_ref]
+        host = by_ref.get(spec.target_host_ref)
+        if host is None or host.get("parent") is None:
+            raise NotFound(f"host {spec.target_host_ref} does not exist in vCenter")
         cluster_ref = host["parent"]._moId
         cluster_pool = by_ref.get(cluster_ref, {}).get("resourcePool")
         host_facts = HostFacts(
@@ -208,7 +237,9 @@ def read_move_facts(session: _Session, spec: MigrationSpec, *, stub: Any, page_s
         )
     ds_facts = None
     if spec.target_datastore_ref:
-        ds = by_ref[spec.target_datastore_ref]
+        ds = by_ref.get(spec.target_datastore_ref)
+        if ds is None:
+            raise NotFound(f"datastore {spec.target_datastore_ref} does not exist in vCenter")
         ds_facts = DatastoreFacts(
             ref=spec.target_datastore_ref,
             name=ds.get("name", spec.target_datastore_ref),

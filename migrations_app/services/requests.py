@@ -6,12 +6,12 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from migrations_app import access, events, notifications, windows
 from migrations_app.choices import AuditAction, MigrationKind, NotificationCategory, RequestStatus, RuleAction
-from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
+from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, RequestApproval, VirtualMachine
 from migrations_app.policy.facts import facts_for
 from migrations_app.policy.rules import evaluate
 from migrations_app.selectors import open_request_for_vm
@@ -39,6 +39,22 @@ def notify_request_changed(request: MigrationRequest) -> None:
     groups = [events.request_group(request.pk), events.user_requests_group(request.requester_id),
               events.approvals_group()]
     transaction.on_commit(lambda: events.emit_many([(group, payload) for group in groups]))
+
+
+def notify_requests_changed(requests: list[MigrationRequest]) -> None:
+    """``notify_request_changed`` for many requests: their signatures counted in one query, and
+    one hop into the channel layer after commit."""
+    if not requests:
+        return
+    counts = dict(RequestApproval.objects.filter(request__in=requests).values_list("request")
+                  .annotate(n=Count("pk")).values_list("request", "n"))
+    messages = []
+    for request in requests:
+        payload = events.request_changed_payload(request, approvals=counts.get(request.pk, 0))
+        messages += [(group, payload) for group in (events.request_group(request.pk),
+                                                    events.user_requests_group(request.requester_id),
+                                                    events.approvals_group())]
+    transaction.on_commit(lambda: events.emit_many(messages))
 
 
 def _lock(request: MigrationRequest) -> MigrationRequest:

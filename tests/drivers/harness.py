@@ -45,9 +45,14 @@ class Harness:
         return [vm for vm in inv.vms if vm.power_state == PowerState.ON and not any(t.startswith("sim:") for t in vm.tags)]
 
     def compute_spec(self) -> MigrationSpec:
+        return self.compute_specs(1)[0]
+
+    def compute_specs(self, n: int) -> list[MigrationSpec]:
+        """Valid compute moves of ``n`` different VMs (a worker's batch)."""
         inv = self.driver.inventory()
         hosts = {h.ref: h for h in inv.hosts}
         stores = {d.ref: d for d in inv.datastores}
+        specs: list[MigrationSpec] = []
         for vm in self._running_vms(inv):
             source = hosts[vm.host_ref]
             for host in inv.hosts:
@@ -58,8 +63,11 @@ class Harness:
                     and not host.maintenance
                     and all(host.ref in stores[ds].host_refs for ds in vm.datastore_refs)
                 ):
-                    return MigrationSpec(vm.ref, target_host_ref=host.ref)
-        raise AssertionError("the peer's inventory offers no valid compute move")
+                    specs.append(MigrationSpec(vm.ref, target_host_ref=host.ref))
+                    break
+            if len(specs) == n:
+                return specs
+        raise AssertionError(f"the peer's inventory offers no {n} valid compute moves of different VMs")
 
     def storage_spec(self) -> MigrationSpec:
         inv = self.driver.inventory()
@@ -92,6 +100,13 @@ class Harness:
         updates: list[ProgressUpdate] = []
         result = self.driver.migrate(spec, on_progress=updates.append, cancel=cancel or threading.Event())
         return result, updates
+
+    def migrate_many(self, specs: list[MigrationSpec]) -> tuple[list, list[list[ProgressUpdate]]]:
+        """A batch through ``Driver.migrate_many``: its results and each move's progress, by index."""
+        updates: list[list[ProgressUpdate]] = [[] for _ in specs]
+        results = self.driver.migrate_many(specs, on_progress=lambda i, u: updates[i].append(u),
+                                           cancels=[threading.Event() for _ in specs])
+        return results, updates
 
 
 def required(capability: Capability):

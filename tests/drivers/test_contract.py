@@ -14,6 +14,7 @@ from drivers.base import (
     DriverError,
     InvalidState,
     MigrationCancelled,
+    MigrationResult,
     MigrationSpec,
     NotFound,
     Phase,
@@ -99,6 +100,57 @@ def test_combined_migration_moves_host_and_disks(harness):
     assert after.host_ref == spec.target_host_ref
     assert set(after.disk_datastores.values()) == {spec.target_datastore_ref}
     assert_progress_well_formed(updates)
+
+
+@required(Capability.COMPUTE_MIGRATION)
+def test_a_batch_moves_each_vm_and_reports_each_move_by_its_index(harness):
+    specs = harness.compute_specs(2)
+    before = [harness.independent_placement(spec.vm_ref) for spec in specs]
+    results, updates = harness.migrate_many(specs)
+    assert len(results) == 2
+    for spec, was, result, reported in zip(specs, before, results, updates, strict=True):
+        assert isinstance(result, MigrationResult), result
+        after = harness.independent_placement(spec.vm_ref)
+        assert after.host_ref == result.placement.host_ref == spec.target_host_ref != was.host_ref
+        assert dict(after.disk_datastores) == dict(was.disk_datastores)
+        assert_progress_well_formed(reported)
+        assert {u.task_id for u in reported if u.task_id} <= {result.task_id}
+        assert harness.guest_alive(spec.vm_ref)
+
+
+@required(Capability.COMPUTE_MIGRATION)
+def test_a_bad_move_in_a_batch_fails_alone(harness):
+    good = harness.compute_spec()
+    here = harness.independent_placement(good.vm_ref).host_ref
+    specs = [MigrationSpec("no-such-vm-ref", target_host_ref=good.target_host_ref), good,
+             MigrationSpec("gone-" + good.vm_ref, target_host_ref=here)]
+    results, updates = harness.migrate_many(specs)
+    assert isinstance(results[0], NotFound) and results[0].explanation().strip()
+    assert isinstance(results[1], MigrationResult), results[1]
+    assert isinstance(results[2], NotFound)
+    assert harness.independent_placement(good.vm_ref).host_ref == good.target_host_ref
+    assert_progress_well_formed(updates[1])
+    assert not updates[0] and not updates[2]
+
+
+def test_preflight_of_a_batch_answers_as_each_move_alone(harness):
+    good = harness.compute_spec()
+    here = harness.independent_placement(good.vm_ref).host_ref
+    specs = [good, MigrationSpec(good.vm_ref, target_host_ref=here), MigrationSpec("no-such-vm-ref", target_host_ref=here)]
+    alone = []
+    for spec in specs:
+        try:
+            alone.append(harness.driver.preflight(spec))
+        except DriverError as exc:
+            alone.append(exc)
+    together = harness.driver.preflight_many(specs)
+    assert len(together) == len(specs)
+    for one, many in zip(alone, together, strict=True):
+        if isinstance(one, DriverError):
+            assert type(many) is type(one), (one, many)
+        else:
+            assert many == one
+    assert all(c.ok for c in together[0]) if isinstance(together[0], tuple) else False
 
 
 def test_migration_to_unknown_host_raises_not_found_and_moves_nothing(harness):

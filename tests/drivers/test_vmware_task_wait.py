@@ -152,10 +152,10 @@ def ended_at_once(task_props, *, cancel=None):
     driver = VCenterDriver(ConnectionConfig(kind="vcenter", url="vc.example.com"))
     session = _Session(content=SimpleNamespace(propertyCollector=collector))
     spec = MigrationSpec("vm-1", target_host_ref="host-2", timeout_s=60)
-    result = driver._ended_at_once(session, vim.Task("task-42", None), spec, started=time.monotonic(),
-                                   cancel=cancel or threading.Event())
+    result = driver._ended_at_once(session, [(vim.Task("task-42", None), spec)], started=time.monotonic(),
+                                   cancels=[cancel or threading.Event()])
     assert collector.reads == 1
-    return result
+    return result[0]
 
 
 def test_a_task_that_ended_in_its_call_is_read_with_the_placement_in_one_round_trip():

@@ -4,8 +4,8 @@ and heartbeats), ``finish`` (the outcome with the placement read back), ``events
 progress events)."""
 
 from migrations_app.services.runs.events import append_run_event
-from migrations_app.services.runs.execute import _claim, migration_run_execute
-from migrations_app.services.runs.finish import _Outcome, migration_run_finish
+from migrations_app.services.runs.execute import _claim, migration_run_execute, migration_runs_execute
+from migrations_app.services.runs.finish import _Outcome, migration_run_finish, migration_runs_finish
 from migrations_app.services.runs.queueing import (
     ActiveRun,
     admission_decision,
@@ -13,6 +13,7 @@ from migrations_app.services.runs.queueing import (
     dispatch,
     dispatch_admissible,
     dispatch_all_admissible,
+    dispatch_many,
     migration_request_start_due,
     migration_run_enqueue,
     migration_run_redispatch_stale,
@@ -27,10 +28,13 @@ __all__ = [
     "completion_budget_s",
     "dispatch",
     "dispatch_admissible",
+    "dispatch_many",
     "dispatch_all_admissible",
     "migration_request_start_due",
     "migration_run_enqueue",
     "migration_run_execute",
     "migration_run_finish",
     "migration_run_redispatch_stale",
+    "migration_runs_execute",
+    "migration_runs_finish",
 ]

@@ -1,9 +1,15 @@
-"""Execution of a claimed run: claim it, check again, drive the driver, record progress and heartbeats.
+"""Execution of claimed runs: claim them, check again, drive the driver, record progress and heartbeats.
 
 A migration is not idempotent, so correctness never rests on the broker: the worker task is acked
 early, a run is claimed in the database (``select_for_update``, only from ``queued``), and a running
 run proves it is alive by its heartbeat. The worker's main thread is the only writer of a run's
 progress: the driver runs in a helper thread and hands its reports over through a queue.
+
+A worker executes a batch of runs at once (one message names several runs of one connection; a
+single run is a batch of one): they are claimed in one transaction, checked with one call to the
+driver, moved by one ``Driver.migrate_many`` call and finished in one transaction, so a batch costs
+about the database round trips and SOAP round trips of one move. Each run keeps its own claim,
+cancel, budget, events and audit entries: batching changes what a step costs, not what it means.
 """
 
 from __future__ import annotations
@@ -27,77 +33,102 @@ from migrations_app.choices import (
     Phase,
     RequestStatus,
 )
-from migrations_app.models import MigrationRequest, MigrationRun
-from migrations_app.services.audit import audit_record
+from migrations_app.models import HypervisorConnection, MigrationRequest, MigrationRun
+from migrations_app.services.audit import audit_append, audit_entry
 from migrations_app.services.errors import ActionRefused
-from migrations_app.services.requests import expire_locked, notify_request_changed, set_status
-from migrations_app.services.runs.events import append_run_event
-from migrations_app.services.runs.finish import _Outcome, migration_run_finish
+from migrations_app.services.requests import expire_locked, notify_requests_changed, set_status
+from migrations_app.services.runs.events import NewEvent, append_run_event, append_run_events
+from migrations_app.services.runs.finish import _Outcome, migration_runs_finish
 from migrations_app.services.runs.queueing import admission_decision
 
 log = logging.getLogger(__name__)
 S = RequestStatus
 GiB = 1024**3
 
-
-
 _FINISHED = object()
+
+
+def _wait(run: MigrationRun, request: MigrationRequest, why: str) -> None:
+    """Leave a queued run in line with its reason; its message is consumed, so dispatch_admissible
+    sends a new one when it may start (dispatched_at cleared)."""
+    run.dispatched_at = None
+    if why != run.wait_reason:
+        run.wait_reason = why
+        append_run_event(run, status=request.status, message=f"waiting: {why}")
+    run.save(update_fields=["wait_reason", "dispatched_at"])
+
 
 def _claim(run_id: int, worker: str) -> MigrationRun | None:
     """Take ownership of a queued run; None when it is not queued (cancelled, already claimed) or
     when admission control makes it wait (its reason and place in line are recorded on the run)."""
-    from migrations_app.models import HypervisorConnection
+    claimed = _claim_many([run_id], worker)
+    return claimed[0] if claimed else None
 
+
+def _claim_many(run_ids: list[int], worker: str) -> list[MigrationRun]:
+    """Take ownership of the queued runs among ``run_ids`` that may start now, in one transaction.
+    A run that is not queued (cancelled, already claimed) is left alone; one outside its window
+    expires or waits; one admission control holds back waits with its reason and place in line."""
     with transaction.atomic():
-        target = MigrationRun.objects.filter(pk=run_id).values_list("request__vm__connection_id", flat=True).first()
-        if target is None:
+        connection_of = dict(MigrationRun.objects.filter(pk__in=run_ids).values_list("pk", "request__vm__connection_id"))
+        for run_id in sorted(set(run_ids) - set(connection_of)):
             log.warning("run %s does not exist; dropping the message", run_id)
-            return None
+        if not connection_of:
+            return []
         # One claim per connection at a time: admission sees every run that has started.
-        connection = HypervisorConnection.objects.select_for_update().get(pk=target)
-        # Lock order everywhere: the request, then its run (cancel and finish take them so too).
-        request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(run__pk=run_id)
-        run = MigrationRun.objects.select_for_update(of=("self",)).get(pk=run_id)
-        if request.status != S.QUEUED:
-            log.info("run %s is %s, not queued; not starting it", run_id, request.status)
-            return None
-        # A run never starts outside its change window: past its end it expires, before its
-        # start it waits (its message is consumed; dispatch_admissible sends a new one).
+        connections = list(HypervisorConnection.objects.select_for_update()
+                           .filter(pk__in=set(connection_of.values())).order_by("pk"))
+        # Lock order everywhere: the requests, then their runs (cancel and finish take them so too).
+        requests = {r.pk: r for r in MigrationRequest.objects.select_for_update(of=("self",))
+                    .select_related("vm").filter(run__pk__in=connection_of).order_by("pk")}
+        runs = list(MigrationRun.objects.select_for_update(of=("self",)).filter(pk__in=connection_of).order_by("pk"))
         now = timezone.now()
-        if closed := windows.window_closed(request, now):
-            expire_locked(request, reason=closed, now=now, run=run)
-            return None
-        if not_yet := windows.window_not_open_yet(request, now):
-            run.dispatched_at = None
-            if not_yet != run.wait_reason:
-                run.wait_reason = not_yet
-                append_run_event(run, status=request.status, message=f"waiting: {not_yet}")
-            run.save(update_fields=["wait_reason", "dispatched_at"])
-            return None
-        decision, _ = admission_decision(connection, up_to=run.pk)
-        if request.pk in decision.waiting:
-            why = f"{decision.waiting[request.pk]} (place {decision.place[request.pk]} in line)"
-            run.dispatched_at = None  # its message is consumed: dispatch_admissible sends a new one
-            if why != run.wait_reason:
-                run.wait_reason = why
-                append_run_event(run, status=request.status, message=f"waiting: {why}")
-            run.save(update_fields=["wait_reason", "dispatched_at"])
-            return None
-        run.wait_reason = ""
-        set_status(request, S.RUNNING)
-        request.save(update_fields=["status", "updated_at"])
-        run.worker = worker
-        run.started_at = now
-        run.heartbeat_at = now
-        run.phase = Phase.PRECHECK
-        run.save(update_fields=["worker", "started_at", "heartbeat_at", "phase", "wait_reason"])
-        append_run_event(run, status=request.status, message=f"started by {worker}")
-        # The audit append last: it holds the chain's lock (every audited action waits on it) until commit.
-        audit_record(actor=None, action=AuditAction.RUN_STARTED, request=request, object_type="migration_run",
-                     object_id=str(run.pk), before=request.source_placement, data={"worker": worker})
-        notify_request_changed(request)
-        notifications.notify(request, NotificationCategory.RUN_STARTED, occasion=f"run-{run.pk}")
-    return run
+        candidates = []
+        for run in runs:
+            request = run.request = requests[run.request_id]
+            if request.status != S.QUEUED:
+                log.info("run %s is %s, not queued; not starting it", run.pk, request.status)
+            elif closed := windows.window_closed(request, now):
+                # A run never starts outside its change window: past its end it expires,
+                expire_locked(request, reason=closed, now=now, run=run)
+            elif not_yet := windows.window_not_open_yet(request, now):
+                _wait(run, request, not_yet)  # before its start it waits
+            else:
+                candidates.append(run)
+        claimed = []
+        for connection in connections:
+            mine = [run for run in candidates if connection_of[run.pk] == connection.pk]
+            if not mine:
+                continue
+            decision, _ = admission_decision(connection, up_to=mine[-1].pk)
+            for run in mine:
+                if run.request_id in decision.waiting:
+                    why = f"{decision.waiting[run.request_id]} (place {decision.place[run.request_id]} in line)"
+                    _wait(run, run.request, why)
+                else:
+                    claimed.append(run)
+        if claimed:
+            _start(claimed, worker, now)
+    return claimed
+
+
+def _start(runs: list[MigrationRun], worker: str, now) -> None:
+    """Mark claimed runs running: their requests, rows, first events, audit entries, pushes, mails."""
+    requests = [run.request for run in runs]
+    for run in runs:
+        set_status(run.request, S.RUNNING)
+        run.request.updated_at = now
+        run.wait_reason, run.worker, run.started_at, run.heartbeat_at, run.phase = "", worker, now, now, Phase.PRECHECK
+    MigrationRequest.objects.bulk_update(requests, ["status", "updated_at"])
+    MigrationRun.objects.bulk_update(runs, ["worker", "started_at", "heartbeat_at", "phase", "wait_reason"])
+    append_run_events([NewEvent(run, S.RUNNING, f"started by {worker}") for run in runs])
+    # The audit append last: it holds the chain's lock (every audited action waits on it) until commit.
+    audit_append([audit_entry(actor=None, action=AuditAction.RUN_STARTED, request=run.request,
+                              object_type="migration_run", object_id=str(run.pk),
+                              before=run.request.source_placement, data={"worker": worker}) for run in runs])
+    notify_requests_changed(requests)
+    notifications.notify_many([notifications.Notice(run.request, NotificationCategory.RUN_STARTED, f"run-{run.pk}")
+                               for run in runs])
 
 
 def _spec(run: MigrationRun) -> drv.MigrationSpec:
@@ -118,91 +149,141 @@ def _spec(run: MigrationRun) -> drv.MigrationSpec:
 
 def migration_run_execute(*, run_id: int, worker: str) -> None:
     """Claim the run, drive the migration through the driver, record progress, and finish it."""
+    migration_runs_execute(run_ids=[run_id], worker=worker)
+
+
+def migration_runs_execute(*, run_ids: list[int], worker: str) -> None:
+    """``migration_run_execute`` for a batch of runs: claim those that may start, check them again,
+    move them together through their connection's driver, and finish each with its own outcome."""
+    claimed = _claim_many(list(run_ids), worker)
+    if not claimed:
+        return
+    runs = list(MigrationRun.objects.select_related(
+        "request__vm__connection", "request__vm__host", "request__target_host", "request__target_datastore"
+    ).filter(pk__in=[run.pk for run in claimed]).order_by("pk"))
+    by_connection: dict[int, list[MigrationRun]] = {}
+    for run in runs:
+        by_connection.setdefault(run.request.vm.connection_id, []).append(run)
+    for group in by_connection.values():
+        _execute(group)
+
+
+def _execute(runs: list[MigrationRun]) -> None:
+    """Check, start and drive claimed runs of one connection, then finish every one not settled meanwhile."""
     from migrations_app.services.inventory import driver_for
 
-    run = _claim(run_id, worker)
-    if run is None:
-        return
-    run = MigrationRun.objects.select_related(
-        "request__vm__connection", "request__vm__host", "request__target_host", "request__target_datastore"
-    ).get(pk=run.pk)
-    outcome = _Outcome()
+    outcomes = {run.pk: _Outcome() for run in runs}
+    to_drive: list[MigrationRun] = []
+    settled: set[int] = set()
     try:
-        driver = driver_for(run.request.vm.connection)
-        spec = _spec(run)
-        problem = _preflight_at_start(run, driver, spec)
+        driver = driver_for(runs[0].request.vm.connection)
+        specs = {run.pk: _spec(run) for run in runs}
+        problems = _preflight_at_start(runs, driver, specs)
     except drv.DriverError as exc:
-        outcome.error = exc
+        for outcome in outcomes.values():
+            outcome.error = exc
     except (ValueError, LookupError) as exc:  # broken configuration: our side
-        outcome.error, outcome.traceback = exc, traceback.format_exc()
+        for outcome in outcomes.values():
+            outcome.error, outcome.traceback = exc, traceback.format_exc()
     else:
-        if problem:
-            # Stopped before the driver's migrate is called; the explanation reaches the page and the audit log.
-            outcome.error = drv.MigrationFailed(f"Pre-flight at start failed, the world changed: {problem}. "
-                                                "Nothing was moved.")
-        elif (status := _start_gate(run)) in TERMINAL:
-            log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, status)
-            return
-        elif status == S.CANCELLING:
-            outcome.error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
-        else:
-            outcome = _drive(run, driver, spec)
-    migration_run_finish(run=run, outcome=outcome)
+        ready = []
+        for run in runs:
+            problem = problems[run.pk]
+            if isinstance(problem, drv.DriverError):
+                outcomes[run.pk].error = problem
+            elif problem:
+                # Stopped before the driver's migrate is called; the explanation reaches the page and the audit log.
+                outcomes[run.pk].error = drv.MigrationFailed(
+                    f"Pre-flight at start failed, the world changed: {problem}. Nothing was moved.")
+            else:
+                ready.append(run)
+        statuses = _start_gate(ready)
+        for run in ready:
+            status = statuses.get(run.pk)
+            if status in TERMINAL or status is None:
+                log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, status)
+                settled.add(run.pk)
+            elif status == S.CANCELLING:
+                outcomes[run.pk].error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
+            else:
+                to_drive.append(run)
+        if to_drive:
+            _drive(to_drive, driver, specs, outcomes)
+    migration_runs_finish([(run, outcomes[run.pk]) for run in runs if run.pk not in settled])
 
 
-def _start_gate(run: MigrationRun) -> str:
-    """Last look before the hypervisor is asked to move anything: renew the heartbeat and return
-    the request's status. A run the reconciler settled meanwhile (this worker was judged lost) or
+def _start_gate(runs: list[MigrationRun]) -> dict[int, str]:
+    """Last look before the hypervisor is asked to move anything: renew the heartbeats and return
+    each request's status. A run the reconciler settled meanwhile (this worker was judged lost) or
     one cancelled during pre-flight is never started. With the heartbeat renewed here, the
     reconciler can only judge this worker lost if starting the task takes longer than
     STALE_AFTER_S, which the setting's rule (above the driver's request timeout) excludes."""
-    return _heartbeat(run)
+    return _heartbeat(runs)
 
 
-def _preflight_at_start(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> str:
+def _preflight_at_start(runs: list[MigrationRun], driver: drv.Driver,
+                        specs: dict[int, drv.MigrationSpec]) -> dict[int, str | drv.DriverError]:
     """The world may have changed since approval (a host entered maintenance, a datastore filled
-    up): check again, with the portal's inventory and the endpoint's own checks. '' when all pass."""
+    up): check again, with the portal's inventory and the endpoint's own checks, one call to the
+    driver for the batch. Per run: '' when all pass, else what failed (or the driver's error)."""
     from migrations_app.services.preflight import check_move
 
-    request = run.request
-    try:
-        check_move(request.vm, request.kind, request.target_host, request.target_datastore, cold=request.cold)
-    except ActionRefused as exc:
-        return exc.message
-    failed = [c.message for c in driver.preflight(spec) if not c.ok]
-    return "; ".join(failed)
+    problems: dict[int, str | drv.DriverError] = {}
+    asked = []
+    for run in runs:
+        request = run.request
+        try:
+            check_move(request.vm, request.kind, request.target_host, request.target_datastore, cold=request.cold)
+        except ActionRefused as exc:
+            problems[run.pk] = exc.message
+        else:
+            asked.append(run)
+    answers = driver.preflight_many([specs[run.pk] for run in asked]) if asked else []
+    if len(answers) != len(asked):
+        raise drv.MigrationFailed(f"the driver answered {len(answers)} pre-flights for {len(asked)} moves")
+    for run, answer in zip(asked, answers, strict=True):
+        if isinstance(answer, drv.DriverError):
+            problems[run.pk] = answer
+        else:
+            problems[run.pk] = "; ".join(c.message for c in answer if not c.ok)
+    return problems
 
 
-def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _Outcome:
-    """Run the driver in a helper thread; this thread records progress and heartbeats."""
+def _drive(runs: list[MigrationRun], driver: drv.Driver, specs: dict[int, drv.MigrationSpec],
+           outcomes: dict[int, _Outcome]) -> None:
+    """Run the driver's batch in a helper thread; this thread records progress and heartbeats,
+    and stops a move whose run is cancelled or settled elsewhere, or overdue."""
     updates: queue.Queue = queue.Queue()
-    cancel = threading.Event()
-    outcome = _Outcome()
+    cancels = [threading.Event() for _ in runs]
+    overdue = [False] * len(runs)
+    cold = frozenset(i for i, run in enumerate(runs) if run.request.cold)  # cold: a move plan's fallback
+    results: list = []
 
     def target() -> None:
         try:
-            move = driver.cold_move if run.request.cold else driver.migrate  # cold: a move plan's fallback
-            outcome.result = move(spec, on_progress=updates.put, cancel=cancel)
-        except drv.DriverError as exc:
-            outcome.error = exc
-        except Exception as exc:  # noqa: BLE001 - any other error is the portal's bug: keep the traceback
-            outcome.error, outcome.traceback = exc, traceback.format_exc()
+            answer = driver.migrate_many([specs[run.pk] for run in runs], on_progress=lambda i, u: updates.put((i, u)),
+                                         cancels=cancels, cold=cold)
+            if len(answer) != len(runs):
+                raise drv.MigrationFailed(f"the driver answered {len(answer)} moves for {len(runs)}")
+            results.extend(answer)
+        except BaseException as exc:  # noqa: BLE001 - every move of the batch ends with it
+            results.extend([exc] * len(runs))
         finally:
             updates.put(_FINISHED)
 
-    thread = threading.Thread(target=target, name=f"migrate-run-{run.pk}", daemon=True)
+    thread = threading.Thread(target=target, name=f"migrate-runs-{runs[0].pk}", daemon=True)
     thread.start()
-    began, overdue = time.monotonic(), False
+    began = time.monotonic()
     heartbeat_s = settings.PORTAL["HEARTBEAT_S"]
-    recorder = _ProgressRecorder(run)
+    recorders = [_ProgressRecorder(run) for run in runs]
     next_beat = time.monotonic() + heartbeat_s
     while True:
         try:
             item = updates.get(timeout=max(0.0, next_beat - time.monotonic()))
         except queue.Empty:
             item = None
-        # Take whatever else the driver has sent meanwhile, so that a move that ends at once (a
-        # burst of phase changes) is stored in one transaction rather than one per update.
+        # Take whatever else the driver has sent meanwhile, so that moves that end at once (a
+        # burst of phase changes) are stored in one transaction rather than one per update.
         batch = [] if item is None else [item]
         while batch and batch[-1] is not _FINISHED:
             try:
@@ -211,58 +292,97 @@ def _drive(run: MigrationRun, driver: drv.Driver, spec: drv.MigrationSpec) -> _O
                 break
         finished = bool(batch) and batch[-1] is _FINISHED
         due = False
-        for update in batch[:-1] if finished else batch:
-            due = recorder.offer(update) or due
+        for index, update in batch[:-1] if finished else batch:
+            due = recorders[index].offer(update) or due
         if finished:
             break  # the last updates are stored after the join below
         try:
             if due:
-                recorder.flush()
+                _flush(recorders)
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + heartbeat_s
-                recorder.flush()
-                recorder.status = _heartbeat(run)
-                if recorder.status in (S.CANCELLING, *TERMINAL) and not cancel.is_set():
-                    # Cancel asked, or the run was settled without us (judged lost): stop the move.
-                    log.info("run %s is %s: aborting the hypervisor job", run.pk, recorder.status)
-                    cancel.set()
+                _flush(recorders)
+                active = [r for r, cancel in zip(recorders, cancels, strict=True) if not cancel.is_set()]
+                statuses = _heartbeat([r.run for r in active])
+                for i, recorder in enumerate(recorders):
+                    recorder.status = statuses.get(recorder.run.pk, recorder.status)
+                    if recorder.status in (S.CANCELLING, *TERMINAL) and not cancels[i].is_set():
+                        # Cancel asked, or the run was settled without us (judged lost): stop the move.
+                        log.info("run %s is %s: aborting the hypervisor job", recorder.run.pk, recorder.status)
+                        cancels[i].set()
         except DatabaseError as exc:
             # Keep supervising the driver (cancel and timeout still work); record again next beat.
-            log.warning("run %s: database unavailable while recording progress: %s", run.pk, exc)
+            log.warning("runs %s: database unavailable while recording progress: %s", [r.pk for r in runs], exc)
             close_old_connections()
-        if not cancel.is_set() and watchdog.worker_overdue(elapsed_s=time.monotonic() - began, budget_s=run.timeout_s,
-                                                           grace_s=settings.PORTAL["ABORT_GRACE_S"]):
-            log.warning("run %s: the driver did not end the move within its budget; aborting it", run.pk)
-            overdue = True
-            cancel.set()
+        for i, run in enumerate(runs):
+            if not cancels[i].is_set() and watchdog.worker_overdue(
+                    elapsed_s=time.monotonic() - began, budget_s=run.timeout_s,
+                    grace_s=settings.PORTAL["ABORT_GRACE_S"]):
+                log.warning("run %s: the driver did not end the move within its budget; aborting it", run.pk)
+                overdue[i] = True
+                cancels[i].set()
     thread.join()
-    if overdue and isinstance(outcome.error, drv.MigrationCancelled):
-        outcome.error = drv.MigrationTimedOut(f"{watchdog.timed_out_text(run.timeout_s)}: the driver did not stop the "
-                                              "move at its budget, so the portal aborted it; the VM stays on its source")
+    for i, run in enumerate(runs):
+        outcome, result = outcomes[run.pk], results[i]
+        if isinstance(result, drv.MigrationResult):
+            outcome.result = result
+        elif isinstance(result, drv.DriverError):
+            outcome.error = result
+        else:  # any other error is the portal's bug: keep the traceback
+            outcome.error = result
+            outcome.traceback = "".join(traceback.format_exception(result))
+        if overdue[i] and isinstance(outcome.error, drv.MigrationCancelled):
+            outcome.error = drv.MigrationTimedOut(
+                f"{watchdog.timed_out_text(run.timeout_s)}: the driver did not stop the move at its budget, "
+                "so the portal aborted it; the VM stays on its source")
     try:
-        recorder.flush()
+        _flush(recorders)
     except DatabaseError as exc:
-        log.warning("run %s: last progress not recorded: %s", run.pk, exc)
+        log.warning("runs %s: last progress not recorded: %s", [r.pk for r in runs], exc)
         close_old_connections()
-    return outcome
 
 
-def _heartbeat(run: MigrationRun) -> str:
-    """Prove the worker is alive; returns the request's status (``cancelling`` when asked to stop)."""
-    MigrationRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
-    return MigrationRequest.objects.filter(pk=run.request_id).values_list("status", flat=True).get()
+def _heartbeat(runs: list[MigrationRun]) -> dict[int, str]:
+    """Prove the worker is alive for these runs; returns each request's status (``cancelling``
+    when asked to stop), two queries for the batch."""
+    if not runs:
+        return {}
+    MigrationRun.objects.filter(pk__in=[run.pk for run in runs]).update(heartbeat_at=timezone.now())
+    by_request = dict(MigrationRequest.objects.filter(pk__in=[run.request_id for run in runs])
+                      .values_list("pk", "status"))
+    return {run.pk: by_request[run.request_id] for run in runs if run.request_id in by_request}
+
+
+def _flush(recorders: list[_ProgressRecorder]) -> None:
+    """Store what every recorder has due, in one transaction: the events, then the phase changes' audit entries."""
+    new, audits = [], []
+    for recorder in recorders:
+        events, phases = recorder.take()
+        new += events
+        audits += phases
+    if not new:
+        return
+    with transaction.atomic():
+        append_run_events(new)
+        # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
+        audit_append(audits)
+    stored = time.monotonic()
+    for recorder in recorders:
+        if recorder.taken:
+            recorder.last_stored, recorder.taken = stored, False
 
 
 class _ProgressRecorder:
     """Stores driver progress as numbered events: every phase change, else at most one per interval.
 
-    ``offer`` only decides (no database); ``flush`` stores what is due, several updates in one
-    transaction when the driver sent them in a burst."""
+    ``offer`` only decides (no database); ``take`` hands over what is due (``_flush`` stores it
+    for many runs at once), several updates when the driver sent them in a burst."""
 
     def __init__(self, run: MigrationRun):
         self.run = run
         self.interval = settings.PORTAL["PROGRESS_INTERVAL_S"]
         self.last_stored = 0.0
+        self.taken = False
         self.due: list[drv.ProgressUpdate] = []  # to store: phase changes, the first task id, interval ticks
         self.pending: drv.ProgressUpdate | None = None  # the latest other update, stored at the next flush
         self.percent = 0.0
@@ -290,23 +410,26 @@ class _ProgressRecorder:
             self.pending = update
         return bool(self.due)
 
-    def flush(self) -> None:
+    def take(self) -> tuple[list[NewEvent], list]:
+        """The events to store for what is due, and the audit entries of its phase changes."""
         updates = self.due + ([self.pending] if self.pending is not None else [])
         self.due, self.pending = [], None
-        if not updates:
-            return
-        run = self.run
-        with transaction.atomic():
-            phases = [self._store(run, update) for update in updates]
-            # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
-            for phase in filter(None, phases):
-                audit_record(actor=None, action=AuditAction.RUN_PHASE, request=run.request,
-                             object_type="migration_run", object_id=str(run.pk), task_id=phase["task_id"],
-                             data={"phase": phase["phase"], "percent": phase["percent"]})
-        self.last_stored = time.monotonic()
+        events, audits = [], []
+        for update in updates:
+            event, phase = self._event(update)
+            events.append(event)
+            if phase is not None:
+                run = self.run
+                audits.append(audit_entry(actor=None, action=AuditAction.RUN_PHASE, request=run.request,
+                                          object_type="migration_run", object_id=str(run.pk),
+                                          task_id=phase["task_id"],
+                                          data={"phase": phase["phase"], "percent": phase["percent"]}))
+        self.taken = self.taken or bool(events)
+        return events, audits
 
-    def _store(self, run: MigrationRun, update: drv.ProgressUpdate) -> dict | None:
-        """Store one update as the run's next event; what to audit when it changed the phase."""
+    def _event(self, update: drv.ProgressUpdate) -> tuple[NewEvent, dict | None]:
+        """One update as the run's next event; what to audit when it changed the phase."""
+        run = self.run
         phase_changed = update.phase.value != run.phase
         # Clamp what the driver says: percent within 0..100 and never backwards.
         self.percent = max(self.percent, min(100.0, max(0.0, float(update.percent))))
@@ -325,7 +448,9 @@ class _ProgressRecorder:
             "rate_bytes_per_s": run.rate_bytes_per_s, "eta_s": run.eta_s, "iteration": run.iteration,
             "task_id": run.task_id, "heartbeat_at": run.heartbeat_at,
         }
-        append_run_event(run, status=self.status, message=update.message, run_fields=fields)
+        # The event copies the run's fields as they are now (a later update of the same run in
+        # this batch changes the run object before the events are built).
+        event = NewEvent(run, self.status, update.message, run_fields=fields, fields=dict(fields))
         if not phase_changed:
-            return None
-        return {"phase": run.phase, "percent": round(run.percent, 1), "task_id": run.task_id}
+            return event, None
+        return event, {"phase": run.phase, "percent": round(run.percent, 1), "task_id": run.task_id}

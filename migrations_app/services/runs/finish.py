@@ -18,11 +18,11 @@ from migrations_app.choices import (
     Phase,
     RequestStatus,
 )
-from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualDisk
-from migrations_app.services.audit import audit_record
+from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualDisk, VirtualMachine
+from migrations_app.services.audit import audit_append, audit_entry
 from migrations_app.services.plans import plan_request_settled
-from migrations_app.services.requests import notify_request_changed, set_status
-from migrations_app.services.runs.events import append_run_event
+from migrations_app.services.requests import notify_requests_changed, set_status
+from migrations_app.services.runs.events import NewEvent, append_run_events
 from migrations_app.services.runs.queueing import dispatch_admissible
 
 log = logging.getLogger(__name__)
@@ -37,120 +37,177 @@ class _Outcome:
 
 
 
-def _apply_placement(run: MigrationRun, placement: drv.Placement) -> None:
-    """Record where the VM is now (as the driver read it back), and move datastore free space with it.
-    Works on the VM's disks as ``migration_run_finish`` loaded them (with their datastores) and keeps
-    those objects current, so the placement after the move is read without going back to the database.
-    Every lookup that can fail comes before the first write."""
-    vm = run.request.vm
-    disks = list(vm.disks.all())
-    new_refs = {d.pk: placement.disk_datastores.get(d.key) for d in disks}
-    moving = [d for d in disks if new_refs[d.pk] is not None and new_refs[d.pk] != d.datastore.ref]
-    host = vm.host
-    if host.ref != placement.host_ref:
-        host = Host.objects.get(connection_id=vm.connection_id, ref=placement.host_ref)
-    stores = {}
-    if moving:
-        stores = {d.ref: d for d in Datastore.objects.filter(connection_id=vm.connection_id,
-                                                             ref__in={new_refs[d.pk] for d in moving})}
-    moved = [(disk, stores[new_refs[disk.pk]]) for disk in moving]
-    # Datastores first, then the VM and its disks: the order inventory sync writes them in, so the
-    # two never wait on each other's rows.
-    for disk, target in moved:
-        Datastore.objects.filter(pk=disk.datastore_id).update(free_bytes=F("free_bytes") + disk.capacity_bytes)
-        Datastore.objects.filter(pk=target.pk).update(free_bytes=F("free_bytes") - disk.capacity_bytes)
-    if host.pk != vm.host_id:
-        vm.host = host
-        vm.save(update_fields=["host"])
-    for disk, target in moved:
-        disk.datastore = target
-        disk.save(update_fields=["datastore"])
+def _placements(items: list[tuple[MigrationRun, drv.Placement]]) -> dict[int, Exception]:
+    """Record where each VM is now (as the driver read it back), and move datastore free space with
+    it: one query per kind of lookup and one write per kind of row for the whole batch. Works on the
+    VMs' disks as ``migration_runs_finish`` loaded them (with their datastores) and keeps those objects
+    current, so the placement after the move is read without going back to the database. Every
+    lookup comes before the first write: a run whose placement cannot be read is left out whole
+    and its error returned (run id -> error)."""
+    errors: dict[int, Exception] = {}
+    connection_id = items[0][0].request.vm.connection_id if items else None
+    host_refs = {p.host_ref for run, p in items if p.host_ref != run.request.vm.host.ref}
+    hosts = {h.ref: h for h in Host.objects.filter(connection_id=connection_id, ref__in=host_refs)} if host_refs else {}
+    plans = []
+    for run, placement in items:
+        vm = run.request.vm
+        disks = list(vm.disks.all())
+        new_refs = {d.pk: placement.disk_datastores.get(d.key) for d in disks}
+        moving = [d for d in disks if new_refs[d.pk] is not None and new_refs[d.pk] != d.datastore.ref]
+        host = vm.host if vm.host.ref == placement.host_ref else hosts.get(placement.host_ref)
+        if host is None:
+            errors[run.pk] = Host.DoesNotExist(f"host {placement.host_ref!r} is not in the portal's inventory")
+            continue
+        plans.append((run, vm, host, moving, new_refs))
+    store_refs = {new_refs[d.pk] for *_, moving, new_refs in plans for d in moving}
+    stores = ({d.ref: d for d in Datastore.objects.filter(connection_id=connection_id, ref__in=store_refs)}
+              if store_refs else {})
+    writes = []
+    for run, vm, host, moving, new_refs in plans:
+        missing = sorted({new_refs[d.pk] for d in moving} - set(stores))
+        if missing:
+            errors[run.pk] = KeyError(f"datastore(s) {', '.join(missing)} not in the portal's inventory")
+            continue
+        writes.append((vm, host, [(disk, stores[new_refs[disk.pk]]) for disk in moving]))
+    # Datastores first, then the VMs and their disks: the order inventory sync writes them in, so
+    # the two never wait on each other's rows.
+    delta: dict[int, int] = {}
+    for _, _, moved in writes:
+        for disk, target in moved:
+            delta[disk.datastore_id] = delta.get(disk.datastore_id, 0) + disk.capacity_bytes
+            delta[target.pk] = delta.get(target.pk, 0) - disk.capacity_bytes
+    for pk in sorted(delta):
+        if delta[pk]:
+            Datastore.objects.filter(pk=pk).update(free_bytes=F("free_bytes") + delta[pk])
+    vms = []
+    disks = []
+    for vm, host, moved in writes:
+        if host.pk != vm.host_id:
+            vm.host = host
+            vms.append(vm)
+        for disk, target in moved:
+            disk.datastore = target
+            disks.append(disk)
+    if vms:
+        VirtualMachine.objects.bulk_update(vms, ["host"])
+    if disks:
+        VirtualDisk.objects.bulk_update(disks, ["datastore"])
+    return errors
 
 
 def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by: str = "") -> bool:
     """Write the run's true outcome, the VM's new placement and the audit entry, in one transaction.
     Returns False (and changes nothing) when the run was already settled. ``reconciled_by`` names
     the reconciliation that settles a run whose worker was lost; it is audited in the same transaction."""
+    return bool(migration_runs_finish([(run, outcome)], reconciled_by=reconciled_by))
+
+
+def migration_runs_finish(items: list[tuple[MigrationRun, _Outcome]], *, reconciled_by: str = "") -> list[int]:
+    """``migration_run_finish`` for a batch of runs, in one transaction: each run gets its own
+    outcome, placement, event, audit entry and notification. Returns the ids of the runs settled
+    now (a run settled meanwhile keeps its first outcome and is left out)."""
+    if not items:
+        return []
+    outcomes = {run.pk: outcome for run, outcome in items}
     with transaction.atomic():
-        request = (
+        requests = {r.pk: r for r in (
             MigrationRequest.objects.select_for_update(of=("self",))
             .select_related("vm__host", "vm__connection")
             .prefetch_related(Prefetch("vm__disks", queryset=VirtualDisk.objects.select_related("datastore")))
-            .get(pk=run.request_id)
-        )
-        run = MigrationRun.objects.select_for_update(of=("self",)).get(pk=run.pk)
-        if request.status not in (S.RUNNING, S.CANCELLING):
-            # Settled meanwhile (the reconciler judged the worker lost): the first outcome stands.
-            log.warning("run %s is already %s; outcome %r not recorded", run.pk, request.status, outcome)
-            return False
-        run.request = request
+            .filter(pk__in=[run.request_id for run, _ in items]).order_by("pk"))}
+        runs = []
+        for run in MigrationRun.objects.select_for_update(of=("self",)).filter(pk__in=outcomes).order_by("pk"):
+            request = requests[run.request_id]
+            if request.status not in (S.RUNNING, S.CANCELLING):
+                # Settled meanwhile (the reconciler judged the worker lost): the first outcome stands.
+                log.warning("run %s is already %s; outcome %r not recorded", run.pk, request.status, outcomes[run.pk])
+                continue
+            run.request = request
+            runs.append(run)
+        if not runs:
+            return []
+        before = {run.pk: run.request.vm.placement_snapshot() for run in runs}
+        placed = [(run, outcomes[run.pk].result.placement) for run in runs if outcomes[run.pk].result is not None]
+        unknown = {}
+        for connection_id in {run.request.vm.connection_id for run, _ in placed}:
+            unknown.update(_placements([(r, p) for r, p in placed if r.request.vm.connection_id == connection_id]))
         now = timezone.now()
-        before = request.vm.placement_snapshot()
-        after: dict = {}
-        error = outcome.error
-        if outcome.result is not None:
-            try:
-                with transaction.atomic():  # a savepoint: all of the placement or none of it
-                    _apply_placement(run, outcome.result.placement)
-            except (Host.DoesNotExist, KeyError) as exc:
-                error = exc
+        new_events, audits, notices = [], [], []
+        for run in runs:
+            request, outcome = run.request, outcomes[run.pk]
+            error = unknown.get(run.pk, outcome.error)
+            if run.pk in unknown:
                 outcome.traceback = (
-                    f"the hypervisor reported a placement the portal does not know ({exc!r}); "
+                    f"the hypervisor reported a placement the portal does not know ({error!r}); "
                     "an inventory sync will correct it"
                 )
-        if outcome.result is not None and error is None:
-            target, action = S.SUCCEEDED, AuditAction.RUN_SUCCEEDED
-            run.task_id = outcome.result.task_id or run.task_id
-            run.downtime_ms = outcome.result.downtime_ms
-            run.phase, run.percent = Phase.DONE, 100.0
-            run.bytes_done = run.bytes_total
-            run.eta_s = 0
-            after = request.vm.placement_snapshot()  # _apply_placement kept the VM's objects current
-            late = " (the cancel arrived after the move had completed)" if request.status == S.CANCELLING else ""
-            run.explanation = f"{request.vm.name} now runs as requested: {_placement_text(after)}.{late}"
-        elif isinstance(error, drv.MigrationCancelled):
-            target, action = S.CANCELLED, AuditAction.RUN_CANCELLED
-            run.explanation = error.explanation()
-        elif isinstance(error, drv.DriverError):
-            target, action = S.FAILED, AuditAction.RUN_FAILED
-            run.explanation = error.explanation()
-        else:
-            target, action = S.ERRORED, AuditAction.RUN_ERRORED
-            run.explanation = (
-                f"The portal hit an internal error ({type(error).__name__}: {str(error)[:200]}); "
-                "the VM's placement is re-checked by the next sync."
-            )
-            run.traceback = outcome.traceback or repr(error)
-        set_status(request, target)
-        request.save(update_fields=["status", "updated_at"])
-        run.finished_at = now
-        run.save()
-        append_run_event(run, status=target, message=run.explanation)
+            target, action, after = _settle(run, outcome, error)
+            set_status(request, target)
+            request.updated_at = now
+            run.finished_at = now
+            new_events.append(NewEvent(run, target, run.explanation))
+            audits.append(audit_entry(
+                actor=None,
+                action=action,
+                request=request,
+                object_type="migration_run",
+                object_id=str(run.pk),
+                outcome=AuditOutcome.SUCCESS if target == S.SUCCEEDED else AuditOutcome.FAILURE,
+                reason=run.explanation,
+                before=before[run.pk],
+                after=after,
+                task_id=run.task_id,
+                data={"downtime_ms": run.downtime_ms, "worker": run.worker},
+            ))
+            if reconciled_by:
+                audits.append(audit_entry(actor=None, action=AuditAction.RUN_RECONCILED, request=request,
+                                          task_id=run.task_id, reason=reconciled_by))
+            notices.append(notifications.Notice(request, _OUTCOME_CATEGORY[target], f"run-{run.pk}", run.explanation))
+        MigrationRequest.objects.bulk_update([run.request for run in runs], ["status", "updated_at"])
+        MigrationRun.objects.bulk_update(runs, _FINISH_FIELDS)
+        append_run_events(new_events)
         # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
-        audit_record(
-            actor=None,
-            action=action,
-            request=request,
-            object_type="migration_run",
-            object_id=str(run.pk),
-            outcome=AuditOutcome.SUCCESS if target == S.SUCCEEDED else AuditOutcome.FAILURE,
-            reason=run.explanation,
-            before=before,
-            after=after,
-            task_id=run.task_id,
-            data={"downtime_ms": run.downtime_ms, "worker": run.worker},
-        )
-        if reconciled_by:
-            audit_record(actor=None, action=AuditAction.RUN_RECONCILED, request=request, task_id=run.task_id,
-                         reason=reconciled_by)
-        notify_request_changed(request)
-        notifications.notify(request, _OUTCOME_CATEGORY[target], occasion=f"run-{run.pk}", detail=run.explanation)
-        # Its resources are free again: start what was waiting for them.
-        connection_id = request.vm.connection_id
-        transaction.on_commit(lambda: dispatch_admissible(connection_id), robust=True)
+        audit_append(audits)
+        notify_requests_changed([run.request for run in runs])
+        notifications.notify_many(notices)
+        # Their resources are free again: start what was waiting for them.
+        for connection_id in sorted({run.request.vm.connection_id for run in runs}):
+            transaction.on_commit(lambda cid=connection_id: dispatch_admissible(cid), robust=True)
         # A move plan's item: record it, retry a failure, finish the plan (services.plans).
-        transaction.on_commit(lambda: plan_request_settled(request.pk), robust=True)
-    return True
+        for request_id in [run.request_id for run in runs if notifications.plan_id_of(run.request) is not None]:
+            transaction.on_commit(lambda rid=request_id: plan_request_settled(rid), robust=True)
+    return [run.pk for run in runs]
+
+
+_FINISH_FIELDS = ["task_id", "downtime_ms", "phase", "percent", "bytes_done", "eta_s", "explanation", "traceback",
+                  "finished_at"]
+
+
+def _settle(run: MigrationRun, outcome: _Outcome, error: BaseException | None) -> tuple[str, AuditAction, dict]:
+    """The run's final status, audit action and placement after, with its fields set to tell it."""
+    request = run.request
+    if outcome.result is not None and error is None:
+        run.task_id = outcome.result.task_id or run.task_id
+        run.downtime_ms = outcome.result.downtime_ms
+        run.phase, run.percent = Phase.DONE, 100.0
+        run.bytes_done = run.bytes_total
+        run.eta_s = 0
+        after = request.vm.placement_snapshot()  # _placements kept the VM's objects current
+        late = " (the cancel arrived after the move had completed)" if request.status == S.CANCELLING else ""
+        run.explanation = f"{request.vm.name} now runs as requested: {_placement_text(after)}.{late}"
+        return S.SUCCEEDED, AuditAction.RUN_SUCCEEDED, after
+    if isinstance(error, drv.MigrationCancelled):
+        run.explanation = error.explanation()
+        return S.CANCELLED, AuditAction.RUN_CANCELLED, {}
+    if isinstance(error, drv.DriverError):
+        run.explanation = error.explanation()
+        return S.FAILED, AuditAction.RUN_FAILED, {}
+    run.explanation = (
+        f"The portal hit an internal error ({type(error).__name__}: {str(error)[:200]}); "
+        "the VM's placement is re-checked by the next sync."
+    )
+    run.traceback = outcome.traceback or repr(error)
+    return S.ERRORED, AuditAction.RUN_ERRORED, {}
 
 
 _OUTCOME_CATEGORY = {

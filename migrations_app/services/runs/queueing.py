@@ -38,6 +38,29 @@ def dispatch(run_id: int, worker_task_id: str) -> None:
     execute_run.apply_async(args=[run_id], task_id=worker_task_id)
 
 
+def dispatch_many(runs: list[tuple[int, int, str]]) -> None:
+    """Hand runs to the workers, given as (run id, connection id, worker task id): one message
+    per ``WORKER_BATCH`` runs of a connection (a worker claims and moves a message's runs
+    together). Safe to repeat, like ``dispatch``."""
+    from migrations_app.tasks import execute_runs
+
+    size = settings.PORTAL["WORKER_BATCH"]
+    by_connection: dict[int, list[tuple[int, str]]] = {}
+    for run_id, connection_id, task_id in runs:
+        by_connection.setdefault(connection_id, []).append((run_id, task_id))
+    for batch in (chunk for group in by_connection.values() for chunk in _chunks(group, size)):
+        if len(batch) == 1:
+            dispatch(*batch[0])
+        else:
+            # The message is named after its first run's worker task id: unique, and found in the logs.
+            execute_runs.apply_async(args=[[run_id for run_id, _ in batch]], task_id=batch[0][1])
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 def migration_run_enqueue(*, request: MigrationRequest, actor) -> MigrationRun:
     """Approved and due: create the run and queue it (inside the caller's transaction, request locked)."""
     set_status(request, S.QUEUED)
@@ -72,12 +95,11 @@ def migration_run_redispatch_stale(*, older_than_s: float = 300.0) -> int:
     now = timezone.now()
     stale = MigrationRun.objects.filter(
         request__status=S.QUEUED, started_at__isnull=True, dispatched_at__lt=now - timedelta(seconds=older_than_s))
-    count = 0
-    for run_id, task_id in stale.values_list("pk", "worker_task_id"):
-        MigrationRun.objects.filter(pk=run_id).update(dispatched_at=now)
-        dispatch(run_id, task_id)
-        count += 1
-    return count
+    runs = list(stale.values_list("pk", "request__vm__connection_id", "worker_task_id"))
+    if runs:
+        MigrationRun.objects.filter(pk__in=[pk for pk, _, _ in runs]).update(dispatched_at=now)
+        dispatch_many(runs)
+    return len(runs)
 
 
 def migration_request_start_due(*, now=None) -> int:
@@ -171,14 +193,11 @@ def dispatch_admissible(connection_id: int) -> int:
         return 0  # only held-back runs are sent again: none, nothing to decide
     connection = HypervisorConnection.objects.get(pk=connection_id)
     decision, by_request = admission_decision(connection)
-    now = timezone.now()
-    count = 0
-    for move in decision.admitted:
-        run = by_request[move.id]
-        # Only a run a worker held back has no message left in the queue (dispatched_at cleared);
-        # re-send those alone, so a busy worker pool never grows copies.
-        if run.wait_reason and run.dispatched_at is None:
-            MigrationRun.objects.filter(pk=run.pk).update(dispatched_at=now)
-            dispatch(run.pk, run.worker_task_id)
-            count += 1
-    return count
+    # Only a run a worker held back has no message left in the queue (dispatched_at cleared);
+    # re-send those alone, so a busy worker pool never grows copies.
+    again = [by_request[move.id] for move in decision.admitted
+             if by_request[move.id].wait_reason and by_request[move.id].dispatched_at is None]
+    if again:
+        MigrationRun.objects.filter(pk__in=[run.pk for run in again]).update(dispatched_at=timezone.now())
+        dispatch_many([(run.pk, connection_id, run.worker_task_id) for run in again])
+    return len(again)
