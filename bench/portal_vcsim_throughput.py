@@ -1,7 +1,7 @@
 """Compute migrations through the whole portal versus a plain pyvmomi loop, against one vcsim, in one run.
 
-    .venv/bin/python bench/portal_vcsim_throughput.py [N] [WORKERS] [processes|threads]
-    # default: 200 moves, 4 workers, processes (Celery's default prefork pool)
+    .venv/bin/python bench/portal_vcsim_throughput.py [N] [WORKERS]
+    # default: 200 moves, 4 worker processes (Celery's default prefork pool)
     RELOCATE_DELAY_MS=300 .venv/bin/python bench/portal_vcsim_throughput.py 40
     # each RelocateVM_Task takes that long on vcsim (its moves are otherwise instant; a real
     # vMotion takes seconds): shows the rates when the hypervisor, not the portal, sets the pace
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import secrets
 import ssl
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,26 +32,23 @@ sys.path.insert(0, str(ROOT))
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 WORKERS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-MODE = sys.argv[3] if len(sys.argv) > 3 else "processes"
 RELOCATE_DELAY_MS = int(os.environ.get("RELOCATE_DELAY_MS", "0"))
-if MODE not in ("processes", "threads"):
-    sys.exit(f"worker mode must be processes or threads, not {MODE!r}")
 
 
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _execute_in_child(run_id: int) -> None:
+def _worker(broker, cpu_out) -> None:
+    """One worker process: run each message's runs (as the execute_run / execute_runs tasks do)
+    until told to stop; report the CPU it used."""
     from django.db import connection
 
-    from migrations_app.services.runs import migration_run_execute
+    from migrations_app.services.runs import migration_runs_execute
 
+    cpu = time.process_time()
     try:
-        migration_run_execute(run_id=run_id, worker=f"bench-{os.getpid()}")
+        while (run_ids := broker.get()) is not None:
+            migration_runs_execute(run_ids=run_ids, worker=f"bench-{os.getpid()}")
     finally:
         connection.close()
+        cpu_out.put(time.process_time() - cpu)
 
 
 def main() -> None:
@@ -62,6 +57,7 @@ def main() -> None:
     os.environ.setdefault("DEBUG", "0")
     os.environ.setdefault("SECRET_KEY", secrets.token_hex(32))
     django_on_fresh_database()
+    from django.conf import settings
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
     from pyVim.connect import Disconnect, SmartConnect
@@ -70,7 +66,7 @@ def main() -> None:
     from bench.vcsim_relocate_baseline import plain_loop
     from bench.vcsim_sync import running_vcsim
     from drivers import registry
-    from migrations_app.choices import Role
+    from migrations_app.choices import TERMINAL, Role
     from migrations_app.models import Host, HypervisorConnection, MigrationRequest, VirtualMachine
     from migrations_app.services import requests as svc
     from migrations_app.services.inventory import inventory_sync
@@ -115,12 +111,14 @@ def main() -> None:
         vms = list(VirtualMachine.objects.filter(connection=conn, power_state="on").select_related("host")[:N + 1])
         hosts = list(Host.objects.filter(connection=conn).order_by("name"))
 
-        def submit_and_approve(i: int, vm) -> int:
-            target = next(h for h in hosts[i % len(hosts):] + hosts if h.pk != vm.host_id)
-            mr = svc.migration_request_submit(requester=requester, vm=vm, kind="compute", target_host=target,
-                                              reason="bench")
-            svc.migration_request_approve(request=mr, actor=approver)
-            return mr.run.pk
+        def target_of(i: int, vm) -> Host:
+            return next(h for h in hosts[i % len(hosts):] + hosts if h.pk != vm.host_id)
+
+        def submit(vms) -> None:
+            for i, vm in enumerate(vms):
+                mr = svc.migration_request_submit(requester=requester, vm=vm, kind="compute",
+                                                  target_host=target_of(i, vm), reason="bench")
+                svc.migration_request_approve(request=mr, actor=approver)
 
         # One move measured apart: what each step costs in queries and SOAP round trips.
         from migrations_app.services.inventory import driver_for
@@ -147,31 +145,36 @@ def main() -> None:
         measured("approve", lambda: svc.migration_request_approve(request=mr, actor=approver))
         measured("execute", lambda: migration_run_execute(run_id=mr.run.pk, worker="bench"))
 
+        # The broker: worker messages (a run, or a batch of runs of one connection, as dispatch
+        # and dispatch_many send them) go into one queue that WORKERS worker processes consume,
+        # as a Celery worker of that concurrency would; a worker's finish sends the runs that
+        # were waiting for its resources through the same queue. Submission runs meanwhile.
+        from migrations_app.services.runs import queueing
+
+        broker = multiprocessing.get_context("fork").Queue()
+        queueing.dispatch = lambda run_id, task_id: broker.put([run_id])
+        batch = settings.PORTAL["WORKER_BATCH"]
+        queueing.dispatch_many = lambda runs: [broker.put([pk for pk, _, _ in runs[i:i + batch]])
+                                               for i in range(0, len(runs), batch)]
+        # As Celery's prefork pool: no database connection or vCenter session crosses the fork.
+        connection.close()
+        registry.close_all()
+        ctx = multiprocessing.get_context("fork")
+        children_cpu = ctx.Queue()
+        workers = [ctx.Process(target=_worker, args=(broker, children_cpu)) for _ in range(WORKERS)]
         started, cpu = time.perf_counter(), time.process_time()
-        run_ids = [submit_and_approve(i, vm) for i, vm in enumerate(vms)]
+        for worker in workers:
+            worker.start()
+        submit(vms)
         submitted_s, submit_cpu_s = time.perf_counter() - started, time.process_time() - cpu
-        cpu, children = time.process_time(), _children_cpu_s()
-
-        def work(run_id: int) -> None:
-            try:
-                migration_run_execute(run_id=run_id, worker="bench")
-            finally:
-                connection.close()
-
-        if WORKERS == 1:
-            for run_id in run_ids:  # inline: profilers see it
-                migration_run_execute(run_id=run_id, worker="bench")
-        elif MODE == "threads":
-            with ThreadPoolExecutor(WORKERS) as pool:
-                list(pool.map(work, run_ids))
-        else:
-            # As Celery's prefork pool: no database connection or vCenter session crosses the fork.
-            connection.close()
-            registry.close_all()
-            with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
-                list(pool.imap_unordered(_execute_in_child, run_ids))
+        while MigrationRequest.objects.exclude(status__in=TERMINAL).exists():
+            time.sleep(0.01)
         portal_s = time.perf_counter() - started
-        execute_cpu_s = time.process_time() - cpu + _children_cpu_s() - children
+        for _ in workers:
+            broker.put(None)
+        execute_cpu_s = sum(children_cpu.get() for _ in workers)
+        for worker in workers:
+            worker.join()
         done = MigrationRequest.objects.filter(status="succeeded").count() - 1  # the measured move
 
     moves = len(vms)
@@ -182,7 +185,7 @@ def main() -> None:
               f"{1000 * wall_s:5.1f} ms")
     print(f"vcsim RelocateVM_Task delay: {RELOCATE_DELAY_MS} ms")
     print(f"plain pyvmomi loop:  {N / plain_s:7.1f} relocations/s  ({plain_s:.2f} s)")
-    print(f"portal, {WORKERS} worker {MODE}:  {moves / portal_s:7.1f} migrations/s  ({portal_s:.2f} s, "
+    print(f"portal, {WORKERS} worker processes (batches of up to {settings.PORTAL['WORKER_BATCH']} runs):  {moves / portal_s:7.1f} migrations/s  ({portal_s:.2f} s, "
           f"of which submit+approve {submitted_s:.2f} s, i.e. {1000 * submitted_s / moves:.1f} ms a move)")
     print(f"ratio portal/plain:  {(moves / portal_s) / (N / plain_s):7.2f}")
     print(f"CPU of the Python side per move (PostgreSQL and vcsim not counted): plain loop "

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from django.db import connections, router, transaction
-from django.db.models import Case, F, Q, Value, When, sql
+from django.db import transaction
 
 from migrations_app import events
+from migrations_app.bulk import update_rows
 from migrations_app.models import MigrationRun, RunEvent
 
 
@@ -80,31 +80,16 @@ def _merged_run_fields(new: list[NewEvent]) -> dict[int, dict]:
 
 def _take_seqs(counts: Counter, run_fields: dict[int, dict]) -> dict[int, int]:
     """Add each run's count of new events to its ``last_seq`` (and write ``run_fields``) in one
-    UPDATE ... RETURNING where the database has it (PostgreSQL; SQLite from 3.35), else UPDATEs
-    and a read back. Returns each run's new ``last_seq``."""
-    db = connections[router.db_for_write(MigrationRun)]
-    if len(counts) == 1:
-        (run_id, count), = counts.items()
-        updates = {"last_seq": F("last_seq") + count, **run_fields.get(run_id, {})}
-    else:
-        updates = {"last_seq": Case(*(When(pk=pk, then=F("last_seq") + n) for pk, n in counts.items()))}
-        for name in {name for fields in run_fields.values() for name in fields}:
-            model_field = MigrationRun._meta.get_field(name)
-            whens = [When(pk=pk, then=Value(fields[name], output_field=model_field))
-                     for pk, fields in run_fields.items() if name in fields]
-            updates[name] = Case(*whens, default=F(name), output_field=model_field)
-    if not db.features.can_return_columns_from_insert:
-        MigrationRun.objects.filter(pk__in=counts).update(**updates)
-        found = dict(MigrationRun.objects.filter(pk__in=counts).values_list("pk", "last_seq"))
-    else:
-        query = sql.UpdateQuery(MigrationRun)
-        query.add_update_values(updates)
-        query.add_q(Q(pk__in=list(counts)))
-        text, params = query.get_compiler(connection=db).as_sql()
-        pk, seq = (db.ops.quote_name(name) for name in ("id", "last_seq"))
-        with db.cursor() as cursor:
-            cursor.execute(f"{text} RETURNING {pk}, {seq}", params)
-            found = dict(cursor.fetchall())
+    UPDATE ... RETURNING per set of fields written (PostgreSQL; SQLite from 3.35). Returns each
+    run's new ``last_seq``."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for run_id in counts:
+        groups.setdefault(tuple(sorted(run_fields.get(run_id, {}))), []).append(run_id)
+    found: dict[int, int] = {}
+    for names, run_ids in groups.items():
+        rows = [(pk, [counts[pk], *(run_fields[pk][name] for name in names)]) for pk in run_ids]
+        found.update(update_rows(MigrationRun, rows, ["last_seq", *names], add=["last_seq"],
+                                 returning=["id", "last_seq"]))
     missing = set(counts) - set(found)
     if missing:
         raise MigrationRun.DoesNotExist(f"runs {sorted(missing)} do not exist")

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from drivers import base as drv
 from migrations_app import notifications, watchdog, windows
+from migrations_app.bulk import update_objects
 from migrations_app.choices import (
     TERMINAL,
     AuditAction,
@@ -37,7 +38,7 @@ from migrations_app.models import HypervisorConnection, MigrationRequest, Migrat
 from migrations_app.services.audit import audit_append, audit_entry
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.requests import expire_locked, notify_requests_changed, set_status
-from migrations_app.services.runs.events import NewEvent, append_run_event, append_run_events
+from migrations_app.services.runs.events import NewEvent, append_run_events
 from migrations_app.services.runs.finish import _Outcome, migration_runs_finish
 from migrations_app.services.runs.queueing import admission_decision
 
@@ -48,14 +49,20 @@ GiB = 1024**3
 _FINISHED = object()
 
 
-def _wait(run: MigrationRun, request: MigrationRequest, why: str) -> None:
-    """Leave a queued run in line with its reason; its message is consumed, so dispatch_admissible
-    sends a new one when it may start (dispatched_at cleared)."""
-    run.dispatched_at = None
-    if why != run.wait_reason:
-        run.wait_reason = why
-        append_run_event(run, status=request.status, message=f"waiting: {why}")
-    run.save(update_fields=["wait_reason", "dispatched_at"])
+def _wait(waiting: list[tuple[MigrationRun, str]]) -> None:
+    """Leave queued runs in line, each with its reason (an event when the reason changed); their
+    messages are consumed, so dispatch_admissible sends new ones when they may start
+    (dispatched_at cleared). One UPDATE and one INSERT for all."""
+    if not waiting:
+        return
+    changed = []
+    for run, why in waiting:
+        run.dispatched_at = None
+        if why != run.wait_reason:
+            run.wait_reason = why
+            changed.append(NewEvent(run, S.QUEUED, f"waiting: {why}"))
+    update_objects([run for run, _ in waiting], ["wait_reason", "dispatched_at"])
+    append_run_events(changed)
 
 
 def _claim(run_id: int, worker: str) -> MigrationRun | None:
@@ -83,7 +90,7 @@ def _claim_many(run_ids: list[int], worker: str) -> list[MigrationRun]:
                     .select_related("vm").filter(run__pk__in=connection_of).order_by("pk")}
         runs = list(MigrationRun.objects.select_for_update(of=("self",)).filter(pk__in=connection_of).order_by("pk"))
         now = timezone.now()
-        candidates = []
+        candidates, waiting = [], []
         for run in runs:
             request = run.request = requests[run.request_id]
             if request.status != S.QUEUED:
@@ -92,7 +99,7 @@ def _claim_many(run_ids: list[int], worker: str) -> list[MigrationRun]:
                 # A run never starts outside its change window: past its end it expires,
                 expire_locked(request, reason=closed, now=now, run=run)
             elif not_yet := windows.window_not_open_yet(request, now):
-                _wait(run, request, not_yet)  # before its start it waits
+                waiting.append((run, not_yet))  # before its start it waits
             else:
                 candidates.append(run)
         claimed = []
@@ -104,9 +111,10 @@ def _claim_many(run_ids: list[int], worker: str) -> list[MigrationRun]:
             for run in mine:
                 if run.request_id in decision.waiting:
                     why = f"{decision.waiting[run.request_id]} (place {decision.place[run.request_id]} in line)"
-                    _wait(run, run.request, why)
+                    waiting.append((run, why))
                 else:
                     claimed.append(run)
+        _wait(waiting)
         if claimed:
             _start(claimed, worker, now)
     return claimed
@@ -119,8 +127,8 @@ def _start(runs: list[MigrationRun], worker: str, now) -> None:
         set_status(run.request, S.RUNNING)
         run.request.updated_at = now
         run.wait_reason, run.worker, run.started_at, run.heartbeat_at, run.phase = "", worker, now, now, Phase.PRECHECK
-    MigrationRequest.objects.bulk_update(requests, ["status", "updated_at"])
-    MigrationRun.objects.bulk_update(runs, ["worker", "started_at", "heartbeat_at", "phase", "wait_reason"])
+    update_objects(requests, ["status", "updated_at"])
+    update_objects(runs, ["worker", "started_at", "heartbeat_at", "phase", "wait_reason"])
     append_run_events([NewEvent(run, S.RUNNING, f"started by {worker}") for run in runs])
     # The audit append last: it holds the chain's lock (every audited action waits on it) until commit.
     audit_append([audit_entry(actor=None, action=AuditAction.RUN_STARTED, request=run.request,

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from drivers import base as drv
 from migrations_app import notifications
+from migrations_app.bulk import update_objects
 from migrations_app.choices import (
     AuditAction,
     AuditOutcome,
@@ -18,7 +19,7 @@ from migrations_app.choices import (
     Phase,
     RequestStatus,
 )
-from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualDisk, VirtualMachine
+from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualDisk
 from migrations_app.services.audit import audit_append, audit_entry
 from migrations_app.services.plans import plan_request_settled
 from migrations_app.services.requests import notify_requests_changed, set_status
@@ -89,9 +90,9 @@ def _placements(items: list[tuple[MigrationRun, drv.Placement]]) -> dict[int, Ex
             disk.datastore = target
             disks.append(disk)
     if vms:
-        VirtualMachine.objects.bulk_update(vms, ["host"])
+        update_objects(vms, ["host"])
     if disks:
-        VirtualDisk.objects.bulk_update(disks, ["datastore"])
+        update_objects(disks, ["datastore"])
     return errors
 
 
@@ -163,8 +164,8 @@ def migration_runs_finish(items: list[tuple[MigrationRun, _Outcome]], *, reconci
                 audits.append(audit_entry(actor=None, action=AuditAction.RUN_RECONCILED, request=request,
                                           task_id=run.task_id, reason=reconciled_by))
             notices.append(notifications.Notice(request, _OUTCOME_CATEGORY[target], f"run-{run.pk}", run.explanation))
-        MigrationRequest.objects.bulk_update([run.request for run in runs], ["status", "updated_at"])
-        MigrationRun.objects.bulk_update(runs, _FINISH_FIELDS)
+        update_objects([run.request for run in runs], ["status", "updated_at"])
+        update_objects(runs, _FINISH_FIELDS)
         append_run_events(new_events)
         # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
         audit_append(audits)
