@@ -13,9 +13,11 @@ from migrations_app.services.runs.queueing import (
     dispatch,
     dispatch_admissible,
     dispatch_all_admissible,
+    dispatch_many,
     migration_request_start_due,
     migration_run_enqueue,
     migration_run_redispatch_stale,
+    migration_runs_enqueue,
 )
 
 __all__ = [
@@ -28,9 +30,11 @@ __all__ = [
     "dispatch",
     "dispatch_admissible",
     "dispatch_all_admissible",
+    "dispatch_many",
     "migration_request_start_due",
     "migration_run_enqueue",
     "migration_run_execute",
     "migration_run_finish",
     "migration_run_redispatch_stale",
+    "migration_runs_enqueue",
 ]
