@@ -318,3 +318,35 @@ def datastore_choices(vm: VirtualMachine, target_host: Host | None) -> list[Choi
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:,.0f} GiB"
+
+
+def _merged(per_vm: list[tuple[VirtualMachine, list[Choice]]], *, absent: str) -> list[Choice]:
+    """One list of choices for several VMs: a choice is valid only if it is for every VM; else
+    the reason names the first VM it is not valid for. ``absent`` says why a VM's list lacks one."""
+    objs: dict[int, object] = {}
+    reasons: dict[int, str] = {}
+    for _vm, choices in per_vm:
+        for c in choices:
+            objs.setdefault(c.obj.pk, c.obj)
+    for vm, choices in per_vm:
+        mine = {c.obj.pk: c for c in choices}
+        for pk in objs:
+            if pk in reasons:
+                continue
+            choice = mine.get(pk)
+            reason = absent if choice is None else choice.reason
+            if reason:
+                reasons[pk] = f"{vm.name}: {reason}"
+    out = [Choice(obj, reasons.get(pk, "")) for pk, obj in objs.items()]
+    out.sort(key=lambda c: (not c.valid, c.obj.name))
+    return out
+
+
+def host_choices_many(vms: list[VirtualMachine]) -> list[Choice]:
+    """``host_choices`` for several VMs moving to one host: valid when valid for each of them."""
+    return _merged([(vm, host_choices(vm)) for vm in vms], absent="runs there already (or it is on another manager)")
+
+
+def datastore_choices_many(vms: list[VirtualMachine], target_host: Host | None) -> list[Choice]:
+    """``datastore_choices`` for several VMs moving to one datastore: valid when valid for each."""
+    return _merged([(vm, datastore_choices(vm, target_host)) for vm in vms], absent="on another manager")
