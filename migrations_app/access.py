@@ -51,6 +51,20 @@ def group_names(user) -> frozenset[str]:
     return cached
 
 
+def load_group_names(users) -> None:
+    """Read the group names of many users in one query (``group_names`` then asks nothing)."""
+    from django.contrib.auth.models import Group
+
+    missing = {u.pk: u for u in users if getattr(u, "_portal_groups", None) is None}
+    if not missing:
+        return
+    names: dict[int, set[str]] = {pk: set() for pk in missing}
+    for user_id, name in Group.objects.filter(user__in=list(missing)).values_list("user", "name"):
+        names[user_id].add(name)
+    for pk, user in missing.items():
+        user._portal_groups = frozenset(names[pk])
+
+
 def roles(user) -> frozenset[str]:
     if not getattr(user, "is_authenticated", False) or not user.is_active:
         return frozenset()
@@ -82,13 +96,25 @@ def can_view_vm(user, vm) -> Verdict:
 
 
 def can_request_migration(user, vm) -> Verdict:
+    return can_request_migrations(user, [vm])[0]
+
+
+def can_request_migrations(user, vms) -> list[Verdict]:
+    """``can_request_migration`` for each VM of a batch, in order: the user's groups are read once."""
     if not has_role(user, Role.REQUESTER, Role.ADMIN):
-        return deny("only requesters can ask for migrations")
-    if not has_role(user, Role.ADMIN) and not owns_vm(user, vm):
-        return deny(f"you are not in the group that owns {vm.name}")
-    if not vm.present:
-        return deny(f"{vm.name} is no longer in the hypervisor's inventory")
-    return ALLOW
+        return [deny("only requesters can ask for migrations")] * len(vms)
+    admin = has_role(user, Role.ADMIN)
+    owned = set() if admin else set(user.groups.filter(pk__in={vm.owner_group_id for vm in vms} - {None})
+                                    .values_list("pk", flat=True))
+    out = []
+    for vm in vms:
+        if not admin and vm.owner_group_id not in owned:
+            out.append(deny(f"you are not in the group that owns {vm.name}"))
+        elif not vm.present:
+            out.append(deny(f"{vm.name} is no longer in the hypervisor's inventory"))
+        else:
+            out.append(ALLOW)
+    return out
 
 
 def can_view_request(user, request) -> Verdict:

@@ -62,12 +62,13 @@ def run_event_payload(event) -> dict:
     }
 
 
-def request_changed_payload(request, approvals: int | None = None) -> dict:
+def request_changed_payload(request, *, approvals: int | None = None) -> dict:
     """``approvals`` counts the stage signatures: a signature that leaves the request pending
-    still changes what its pages show (give the count when it was read for many requests at once)."""
+    still changes what its pages show (counted here unless the caller, for a batch, did)."""
     if approvals is None:
         approvals = request.approvals.count() if request.pk else 0
-    return {"type": "request.changed", "id": request.pk, "seq": 0, "status": request.status, "approvals": approvals}
+    return {"type": "request.changed", "id": request.pk, "seq": 0, "status": request.status,
+            "approvals": approvals}
 
 
 def emit(group: str, payload: dict) -> None:

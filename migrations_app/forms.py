@@ -5,14 +5,16 @@ from __future__ import annotations
 from django import forms
 
 from migrations_app.choices import MigrationKind, NotificationCategory, PlanKind
-from migrations_app.models import Cluster, Datastore, Host
+from migrations_app.models import Cluster, Datastore, Host, VirtualMachine
+from migrations_app.services.requests import MAX_BATCH
 
 DATETIME_INPUTS = ["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"]
 
 
-class MigrateForm(forms.Form):
-    """The Migrate page. A window needs both ends; whether it is acceptable (in the future, long
-    enough, not too far ahead) is the service's call (``migrations_app.windows.window_problem``)."""
+class _MoveForm(forms.Form):
+    """What the Migrate pages ask: the kind, the targets, the reason and the window. A window
+    needs both ends; whether it is acceptable (in the future, long enough, not too far ahead) is
+    the service's call (``migrations_app.windows.window_problem``)."""
 
     kind = forms.ChoiceField(choices=MigrationKind.choices, widget=forms.RadioSelect, initial=MigrationKind.COMPUTE)
     target_host = forms.ModelChoiceField(queryset=Host.objects.none(), required=False)
@@ -27,12 +29,11 @@ class MigrateForm(forms.Form):
                                      widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
                                      input_formats=DATETIME_INPUTS)
 
-    def __init__(self, *args, vm, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.vm = vm
-        # Any host or datastore of the VM's own connection parses; the service judges validity.
-        self.fields["target_host"].queryset = Host.objects.filter(connection=vm.connection).select_related("cluster")
-        self.fields["target_datastore"].queryset = Datastore.objects.filter(connection=vm.connection)
+    def limit_targets(self, connection_ids) -> None:
+        # Any host or datastore of the VMs' own connections parses; the service judges validity.
+        self.fields["target_host"].queryset = Host.objects.filter(connection_id__in=connection_ids).select_related(
+            "cluster")
+        self.fields["target_datastore"].queryset = Datastore.objects.filter(connection_id__in=connection_ids)
 
     def clean(self):
         data = super().clean()
@@ -48,6 +49,34 @@ class MigrateForm(forms.Form):
         else:
             data["start_after"] = data["window_end"] = None
         return data
+
+
+class MigrateForm(_MoveForm):
+    """The Migrate page of one VM."""
+
+    def __init__(self, *args, vm, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vm = vm
+        self.limit_targets([vm.connection_id])
+
+
+class MigrateManyForm(_MoveForm):
+    """The Migrate page of several VMs selected in the inventory: one target, one reason and one
+    window for all of them (one request per VM). ``vms`` are those this user may see."""
+
+    vms = forms.ModelMultipleChoiceField(queryset=VirtualMachine.objects.none(), widget=forms.MultipleHiddenInput,
+                                         error_messages={"required": "select at least one VM in the inventory"})
+
+    def __init__(self, *args, vms, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["vms"].queryset = vms
+        self.limit_targets(vms.values_list("connection_id", flat=True).distinct())
+
+    def clean_vms(self):
+        vms = self.cleaned_data["vms"]
+        if len(vms) > MAX_BATCH:
+            raise forms.ValidationError(f"at most {MAX_BATCH} VMs at once")
+        return vms
 
 
 class RejectForm(forms.Form):

@@ -143,27 +143,33 @@ def notify_many(notices: list[Notice], *, actor=None) -> list[int]:
     are written by one INSERT."""
     if not notices:
         return []
+    for notice in notices:
+        if notice.category not in C.values:
+            raise ValueError(f"unknown notification category {notice.category!r}")
     hooks = list(Webhook.objects.filter(active=True))
-    muted: dict[int, set[str]] = {}
+    mine = [n for n in notices if plan_id_of(n.request) is None]  # a plan's per-VM requests mail nobody
+    approvers = selectors.current_approvers_many([n.request for n in mine if n.category == C.APPROVAL_WAITING])
+    recipients = {id(n): approvers[n.request.pk] if n.category == C.APPROVAL_WAITING else [n.request.requester]
+                  for n in mine}
+    muted = _muted_of({user.pk for users in recipients.values() for user in users})
     wanted: list[NotificationDelivery] = []
     for notice in notices:
         request, category = notice.request, notice.category
-        if category not in C.values:
-            raise ValueError(f"unknown notification category {category!r}")
-        if plan_id_of(request) is not None:
-            users = []
-        elif category == C.APPROVAL_WAITING:
-            users = selectors.current_approvers(request)
-        else:
-            users = [request.requester]
-        for user in users:
-            if user.pk not in muted:
-                muted[user.pk] = muted_categories(user)
-        wanted += _deliveries(users, category, about={"request": request}, occasion=notice.occasion, actor=actor,
-                              subject=_subject(request, category),
+        wanted += _deliveries(recipients.get(id(notice), []), category, about={"request": request},
+                              occasion=notice.occasion, actor=actor, subject=_subject(request, category),
                               body=_body(request, category, notice.detail),
                               data=payload(request, category, notice.detail), hooks=hooks, muted=muted)
     return _save_new(wanted)
+
+
+def _muted_of(user_ids) -> dict[int, set[str]]:
+    """``muted_categories`` of many users in one query."""
+    muted: dict[int, set[str]] = {pk: set() for pk in user_ids}
+    if muted:
+        for user_id, categories in NotificationPreference.objects.filter(user_id__in=list(muted)).values_list(
+                "user_id", "muted"):
+            muted[user_id] = set(categories or [])
+    return muted
 
 
 def notify_plan(plan: MovePlan, category: str, *, occasion: str = "", actor=None, detail: str = "") -> list[int]:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from django.contrib.auth.models import User
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import Prefetch, Q, QuerySet, prefetch_related_objects
 from django.utils import timezone
 
 from drivers.base import Capability
@@ -92,14 +92,27 @@ def current_approvers(request: MigrationRequest) -> list[User]:
     """The users who may act on the request's current stage now (``access.can_decide`` says yes
     for each): members of the stage's groups holding the approver role, minus the requester and
     anyone who already signed this request; admins too while the admin bypass is on."""
-    if request.status not in AWAITING_DECISION:
-        return []
-    stage = request.stages[request.current_stage]
-    reach = Q(groups__name__in=stage.groups)
+    return current_approvers_many([request])[request.pk]
+
+
+def current_approvers_many(requests: list[MigrationRequest]) -> dict[int, list[User]]:
+    """``current_approvers`` of many requests (request id -> users), with a constant number of
+    queries: the candidates of every current stage, their groups, and the requests' signatures."""
+    waiting = [r for r in requests if r.status in AWAITING_DECISION]
+    out: dict[int, list[User]] = {r.pk: [] for r in requests}
+    if not waiting:
+        return out
+    names = {g for r in waiting for g in r.stages[r.current_stage].groups}
+    reach = Q(groups__name__in=names)
     if access.admin_bypass_enabled():
         reach |= Q(groups__name=Role.ADMIN) | Q(is_superuser=True)
-    candidates = User.objects.filter(is_active=True).filter(reach).exclude(pk=request.requester_id).distinct()
-    return [u for u in candidates.order_by("username") if access.can_decide(u, request)]
+    candidates = list(User.objects.filter(is_active=True).filter(reach).distinct().order_by("username"))
+    access.load_group_names(candidates)
+    prefetch_related_objects([r for r in waiting if "approvals" not in getattr(r, "_prefetched_objects_cache", {})],
+                             "approvals")
+    for request in waiting:
+        out[request.pk] = [u for u in candidates if u.pk != request.requester_id and access.can_decide(u, request)]
+    return out
 
 
 def current_plan_approvers(plan) -> list[User]:
@@ -206,6 +219,12 @@ def open_request_for_vm(vm) -> MigrationRequest | None:
     return MigrationRequest.objects.filter(vm=vm, status__in=OPEN).first()
 
 
+def open_requests_for_vms(vm_ids) -> dict[int, MigrationRequest]:
+    """VM id -> its open request, for many VMs in one query (``open_request_for_vm`` for a batch)."""
+    rows = MigrationRequest.objects.filter(vm_id__in=list(vm_ids), status__in=OPEN).only("pk", "vm_id", "status")
+    return {r.vm_id: r for r in rows.order_by("pk")}
+
+
 def run_events_after(run, seq: int, limit: int = 1000) -> list[RunEvent]:
     return list(RunEvent.objects.filter(run=run, seq__gt=seq).order_by("seq")[:limit])
 
@@ -299,3 +318,35 @@ def datastore_choices(vm: VirtualMachine, target_host: Host | None) -> list[Choi
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:,.0f} GiB"
+
+
+def _merged(per_vm: list[tuple[VirtualMachine, list[Choice]]], *, absent: str) -> list[Choice]:
+    """One list of choices for several VMs: a choice is valid only if it is for every VM; else
+    the reason names the first VM it is not valid for. ``absent`` says why a VM's list lacks one."""
+    objs: dict[int, object] = {}
+    reasons: dict[int, str] = {}
+    for _vm, choices in per_vm:
+        for c in choices:
+            objs.setdefault(c.obj.pk, c.obj)
+    for vm, choices in per_vm:
+        mine = {c.obj.pk: c for c in choices}
+        for pk in objs:
+            if pk in reasons:
+                continue
+            choice = mine.get(pk)
+            reason = absent if choice is None else choice.reason
+            if reason:
+                reasons[pk] = f"{vm.name}: {reason}"
+    out = [Choice(obj, reasons.get(pk, "")) for pk, obj in objs.items()]
+    out.sort(key=lambda c: (not c.valid, c.obj.name))
+    return out
+
+
+def host_choices_many(vms: list[VirtualMachine]) -> list[Choice]:
+    """``host_choices`` for several VMs moving to one host: valid when valid for each of them."""
+    return _merged([(vm, host_choices(vm)) for vm in vms], absent="runs there already (or it is on another manager)")
+
+
+def datastore_choices_many(vms: list[VirtualMachine], target_host: Host | None) -> list[Choice]:
+    """``datastore_choices`` for several VMs moving to one datastore: valid when valid for each."""
+    return _merged([(vm, datastore_choices(vm, target_host)) for vm in vms], absent="on another manager")

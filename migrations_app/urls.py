@@ -1,14 +1,16 @@
 from django.urls import path, re_path
 
-from migrations_app import plan_views, views
+from migrations_app import batch_views, plan_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("inventory/", views.inventory, name="inventory"),
+    path("vms/migrate/", batch_views.vms_migrate, name="vms_migrate"),
     path("vms/<int:pk>/", views.vm_detail, name="vm_detail"),
     path("vms/<int:pk>/migrate/", views.vm_migrate, name="vm_migrate"),
     path("vms/<int:pk>/migrate/datastores/", views.vm_migrate_datastores, name="vm_migrate_datastores"),
     path("requests/", views.my_requests, name="my_requests"),
+    path("requests/approve/", batch_views.requests_approve_selected, name="requests_approve_selected"),
     path("requests/<int:pk>/", views.request_detail, name="request_detail"),
     path("requests/<int:pk>/approve/", views.request_approve, name="request_approve"),
     path("requests/<int:pk>/reject/", views.request_reject, name="request_reject"),

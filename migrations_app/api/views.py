@@ -19,7 +19,7 @@ from migrations_app.choices import AuditAction
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.services import requests as request_services
 from migrations_app.services.audit import audit_denied
-from migrations_app.services.errors import ActionRefused
+from migrations_app.services.errors import ActionRefused, BatchRefused
 from migrations_app.views import client_ip
 
 
@@ -82,6 +82,41 @@ def request_json(mr: MigrationRequest) -> dict:
     }
 
 
+class _Missing(ActionRefused):
+    """The named object does not exist, or this user may not see it: a 404."""
+
+
+def _move(request, data) -> request_services.RequestedMove:
+    """One move from the body (a VM, its targets, maybe its kind), checked at the boundary."""
+    if not isinstance(data, dict):
+        raise ActionRefused("a move must be a JSON object")
+    vm = VirtualMachine.objects.filter(pk=_int(data, "vm_id", required=True)).first()
+    if vm is None or not access.can_view_vm(request.user, vm):
+        raise _Missing("no such VM, or you may not see it", field="vm_id")
+    host_id, ds_id = _int(data, "target_host_id", required=False), _int(data, "target_datastore_id", required=False)
+    host = Host.objects.filter(pk=host_id, connection=vm.connection).first() if host_id is not None else None
+    if host_id is not None and host is None:
+        raise ActionRefused("no such host on this VM's connection", field="target_host_id")
+    ds = Datastore.objects.filter(pk=ds_id, connection=vm.connection).first() if ds_id is not None else None
+    if ds_id is not None and ds is None:
+        raise ActionRefused("no such datastore on this VM's connection", field="target_datastore_id")
+    kind = data.get("kind") or request_services.kind_for(host, ds)
+    if not isinstance(kind, str):
+        raise ActionRefused("kind must be a string", field="kind")
+    return request_services.RequestedMove(vm, kind, host, ds)
+
+
+def _when(data: dict) -> tuple[datetime | None, datetime | None, str]:
+    """The reason and the window: "as soon as approved" (neither end) or a change window (both)."""
+    start_after, window_end = _datetime(data, "start_after"), _datetime(data, "window_end")
+    if (start_after is None) != (window_end is None):
+        raise ActionRefused("give both start_after and window_end for a window, or neither",
+                            field="window_end" if start_after else "start_after")
+    if not isinstance(data.get("reason", ""), str):
+        raise ActionRefused("reason must be a string", field="reason")
+    return start_after, window_end, data.get("reason", "")
+
+
 @api_login_required
 @require_http_methods(["GET", "POST"])
 def requests_collection(request):
@@ -90,31 +125,100 @@ def requests_collection(request):
         return JsonResponse({"results": [request_json(r) for r in rows]})
     try:
         data = _body(request)
-        vm = VirtualMachine.objects.filter(pk=_int(data, "vm_id", required=True)).first()
-        if vm is None or not access.can_view_vm(request.user, vm):
-            return _error("no such VM, or you may not see it", 404, "vm_id")
-        host_id, ds_id = _int(data, "target_host_id", required=False), _int(data, "target_datastore_id", required=False)
-        host = Host.objects.filter(pk=host_id, connection=vm.connection).first() if host_id is not None else None
-        if host_id is not None and host is None:
-            raise ActionRefused("no such host on this VM's connection", field="target_host_id")
-        ds = Datastore.objects.filter(pk=ds_id, connection=vm.connection).first() if ds_id is not None else None
-        if ds_id is not None and ds is None:
-            raise ActionRefused("no such datastore on this VM's connection", field="target_datastore_id")
-        # "As soon as approved" (neither) or a change window (both ends).
-        start_after, window_end = _datetime(data, "start_after"), _datetime(data, "window_end")
-        if (start_after is None) != (window_end is None):
-            raise ActionRefused("give both start_after and window_end for a window, or neither",
-                                field="window_end" if start_after else "start_after")
-        kind = data.get("kind") or request_services.kind_for(host, ds)
-        if not isinstance(kind, str) or not isinstance(data.get("reason", ""), str):
-            raise ActionRefused("kind and reason must be strings")
+        move = _move(request, data)
+        start_after, window_end, reason = _when(data)
         mr = request_services.migration_request_submit(
-            requester=request.user, vm=vm, kind=kind, reason=data.get("reason", ""), target_host=host,
-            target_datastore=ds, start_after=start_after, window_end=window_end, ip=client_ip(request),
+            requester=request.user, vm=move.vm, kind=move.kind, reason=reason, target_host=move.target_host,
+            target_datastore=move.target_datastore, start_after=start_after, window_end=window_end,
+            ip=client_ip(request),
         )
+    except _Missing as exc:
+        return _error(exc.message, 404, exc.field)
     except ActionRefused as exc:
         return _error(exc.message, 403 if exc.denied else 400, exc.field)
     return JsonResponse(request_json(mr), status=201)
+
+
+def _items_error(message: str, status: int, items: list[dict], field: str | None = None) -> JsonResponse:
+    """A refused batch: the error, and each refused item with its index in the list sent."""
+    return JsonResponse({"error": message, "field": field, "items": items}, status=status)
+
+
+def _list(data: dict, key: str) -> list:
+    value = data.get(key)
+    if not isinstance(value, list) or not value:
+        raise ActionRefused(f"{key} must be a non-empty list", field=key)
+    if len(value) > request_services.MAX_BATCH:
+        raise ActionRefused(f"at most {request_services.MAX_BATCH} {key} at once", field=key)
+    return value
+
+
+@api_login_required
+@require_POST
+def requests_bulk(request):
+    """Submit many moves at once: {"moves": [{"vm_id", "target_host_id", "target_datastore_id",
+    "kind"}, ...], "reason", "start_after", "window_end"}. Every move is checked; any bad one is a
+    400 naming each by its index, and nothing is created. 201 with the requests, in order."""
+    try:
+        data = _body(request)
+        raw = _list(data, "moves")
+        start_after, window_end, reason = _when(data)
+    except ActionRefused as exc:
+        return _error(exc.message, 400, exc.field)
+    moves, bad = [], []
+    for index, item in enumerate(raw):
+        try:
+            moves.append(_move(request, item))
+        except ActionRefused as exc:
+            bad.append({"index": index, "error": exc.message, "field": exc.field})
+    if bad:
+        return _items_error(f"{len(bad)} of {len(raw)} moves are invalid; nothing was submitted", 400, bad, "moves")
+    try:
+        created = request_services.migration_requests_submit_many(
+            requester=request.user, items=moves, reason=reason, start_after=start_after, window_end=window_end,
+            ip=client_ip(request))
+    except BatchRefused as exc:
+        items = [{"index": r.index, "vm": r.label, "error": r.error.message, "field": r.error.field}
+                 for r in exc.refusals]
+        return _items_error(exc.message, 403 if exc.denied else 400, items, "moves")
+    except ActionRefused as exc:
+        return _error(exc.message, 403 if exc.denied else 400, exc.field)
+    return JsonResponse({"results": [request_json(mr) for mr in created]}, status=201)
+
+
+@api_login_required
+@require_POST
+def requests_bulk_approve(request):
+    """Sign the current stage of many requests: {"ids": [...], "comment": ""}. All or nothing: any
+    request this user may not see (404), may not sign (403) or that cannot be decided now (409)
+    is named by its index, and nothing is signed. 200 with the requests, in order."""
+    try:
+        data = _body(request)
+        ids = _list(data, "ids")
+        comment = data.get("comment", "")
+        if not isinstance(comment, str):
+            raise ActionRefused("comment must be a string", field="comment")
+    except ActionRefused as exc:
+        return _error(exc.message, 400, exc.field)
+    bad = [{"index": i, "id": pk, "error": "must be an integer id"} for i, pk in enumerate(ids)
+           if isinstance(pk, bool) or not isinstance(pk, int)]
+    bad += [{"index": i, "id": pk, "error": "listed twice"} for i, pk in enumerate(ids)
+            if not bad and pk in ids[:i]]
+    if bad:
+        return _items_error("some ids are invalid; nothing was approved", 400, bad, "ids")
+    visible = {pk: _visible(request, pk) for pk in ids}
+    missing = [{"index": i, "id": pk, "error": "no such request"} for i, pk in enumerate(ids) if visible[pk] is None]
+    if missing:
+        return _items_error("no such request", 404, missing, "ids")
+    try:
+        approved = request_services.migration_requests_approve_many(
+            requests=[visible[pk] for pk in ids], actor=request.user, comment=comment, ip=client_ip(request))
+    except BatchRefused as exc:
+        items = [{"index": r.index, "id": ids[r.index], "error": r.error.message} for r in exc.refusals]
+        return _items_error(exc.message, 403 if exc.denied else 409 if exc.conflict else 400, items, "ids")
+    except ActionRefused as exc:
+        return _error(exc.message, 403 if exc.denied else 409 if exc.conflict else 400, exc.field)
+    return JsonResponse({"results": [request_json(mr) for mr in approved]})
 
 
 def _datetime(data: dict, key: str) -> datetime | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class ActionRefused(Exception):
     """The action is not allowed (permissions, state) or its input is invalid; nothing changed.
@@ -21,3 +23,25 @@ def refuse_unless(verdict) -> None:
     """Raise the refusal an ``access.Verdict`` stands for: denied (rights) or conflict (state)."""
     if not verdict:
         raise ActionRefused(verdict.reason, denied=not verdict.conflict, conflict=verdict.conflict)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why one item of a batch was refused: its place in the batch (0-based), what it names (a
+    VM's name, a request's number) and the refusal the one-item action would have raised."""
+
+    index: int
+    label: str
+    error: ActionRefused
+
+
+class BatchRefused(ActionRefused):
+    """Items of a batch were refused, so the whole batch was: nothing changed. ``refusals`` names
+    every refused item and why (in batch order); the message says it all in one line."""
+
+    def __init__(self, refusals: list[Refusal]):
+        self.refusals = sorted(refusals, key=lambda r: r.index)
+        denied = any(r.error.denied for r in self.refusals)
+        conflict = not denied and any(r.error.conflict for r in self.refusals)
+        message = "; ".join(f"{r.label}: {r.error.message}" for r in self.refusals)
+        super().__init__(f"nothing was done: {message}", denied=denied, conflict=conflict)

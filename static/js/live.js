@@ -162,7 +162,7 @@
 
   // The Migrate form shows only the targets the chosen kind of move needs.
   function migrateForm() {
-    const form = document.getElementById("migrate-form");
+    const form = document.getElementById("migrate-form") || document.getElementById("migrate-many-form");
     if (!form) return;
     const sync = () => {
       const kind = form.querySelector("input[name=kind]:checked")?.value || "compute";
@@ -173,12 +173,27 @@
     sync();
   }
 
+  // Ticked boxes ("Migrate selected", "Approve selected") survive the refreshes that re-render
+  // their rows (a live queue update, a filter): the swap replaces them, so their state is carried.
+  function keepSelection(body) {
+    const boxes = () => document.querySelectorAll("input[type=checkbox][form]");
+    const key = (box) => box.getAttribute("form") + ":" + box.value;
+    let ticked = new Set();
+    body.addEventListener("htmx:beforeSwap", () => {
+      ticked = new Set([...boxes()].filter((box) => box.checked).map(key));
+    });
+    body.addEventListener("htmx:afterSwap", () => {
+      boxes().forEach((box) => { if (ticked.has(key(box))) box.checked = true; });
+    });
+  }
+
   // Pages say what they watch in data attributes on <body>; no inline script is needed.
   document.addEventListener("DOMContentLoaded", () => {
     const body = document.body;
     sizeBars();
     migrateForm();
     body.addEventListener("htmx:afterSwap", sizeBars);
+    keepSelection(body);
     if (body.dataset.live !== "on") return;
     connect();
     if (body.dataset.watchRequest) watchRequestPage(parseInt(body.dataset.watchRequest, 10));

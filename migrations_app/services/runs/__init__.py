@@ -17,6 +17,7 @@ from migrations_app.services.runs.queueing import (
     migration_request_start_due,
     migration_run_enqueue,
     migration_run_redispatch_stale,
+    migration_runs_enqueue,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "dispatch_admissible",
     "dispatch_many",
     "dispatch_all_admissible",
+    "dispatch_many",
     "migration_request_start_due",
     "migration_run_enqueue",
     "migration_run_execute",
@@ -37,4 +39,5 @@ __all__ = [
     "migration_run_redispatch_stale",
     "migration_runs_execute",
     "migration_runs_finish",
+    "migration_runs_enqueue",
 ]

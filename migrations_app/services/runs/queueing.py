@@ -11,14 +11,16 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import prefetch_related_objects
 from django.utils import timezone
 
 from migrations_app import admission, windows
+from migrations_app.bulk import update_objects
 from migrations_app.choices import AuditAction, MigrationKind, RequestStatus
 from migrations_app.models import MigrationRequest, MigrationRun, VirtualDisk
-from migrations_app.services.audit import audit_record
+from migrations_app.services.audit import audit_append, audit_entry
 from migrations_app.services.requests import notify_request_changed, set_status
-from migrations_app.services.runs.events import append_run_event
+from migrations_app.services.runs.events import NewEvent, append_run_events
 
 S = RequestStatus
 GiB = 1024**3
@@ -63,22 +65,46 @@ def _chunks(items: list, size: int):
 
 def migration_run_enqueue(*, request: MigrationRequest, actor) -> MigrationRun:
     """Approved and due: create the run and queue it (inside the caller's transaction, request locked)."""
-    set_status(request, S.QUEUED)
-    request.save(update_fields=["status", "updated_at"])
-    run = MigrationRun.objects.create(
+    return migration_runs_enqueue(requests=[request], actor=actor)[0]
+
+
+def migration_runs_enqueue(*, requests: list[MigrationRequest], actor) -> list[MigrationRun]:
+    """Approved and due: create the runs of these requests and queue them (inside the caller's
+    transaction, requests locked): one UPDATE of the requests, one INSERT of the runs, one of
+    their first events, one append to the audit log, and one hand-over to the workers on commit."""
+    if not requests:
+        return []
+    now = timezone.now()
+    for request in requests:
+        set_status(request, S.QUEUED)
+        request.updated_at = now
+    if len(requests) == 1:
+        requests[0].save(update_fields=["status", "updated_at"])
+    else:
+        update_objects(requests, ["status", "updated_at"])
+    # The completion budgets read the VMs' disks: once for all.
+    prefetch_related_objects([r.vm for r in requests if "disks" not in getattr(r.vm, "_prefetched_objects_cache", {})],
+                             "disks")
+    runs = [MigrationRun(
         request=request,
         worker_task_id=str(uuid.uuid4()),
-        dispatched_at=timezone.now(),
+        dispatched_at=now,
         timeout_s=completion_budget_s(memory_bytes=request.vm.memory_bytes, disk_bytes=request.vm.disk_bytes,
                                       kind=request.kind),
-    )
-    append_run_event(run, status=request.status, message="queued for a worker")
-    audit_record(actor=actor, action=AuditAction.RUN_QUEUED, request=request, object_type="migration_run",
-                 object_id=str(run.pk))
-    run_id, task_id = run.pk, run.worker_task_id
+    ) for request in requests]
+    if len(runs) == 1:
+        runs[0].save(force_insert=True)
+    else:
+        MigrationRun.objects.bulk_create(runs)
+    append_run_events([NewEvent(run, status=request.status, message="queued for a worker")
+                       for run, request in zip(runs, requests, strict=True)])
+    audit_append([audit_entry(actor=actor, action=AuditAction.RUN_QUEUED, request=request,
+                              object_type="migration_run", object_id=str(run.pk))
+                   for run, request in zip(runs, requests, strict=True)])
     # robust: a broker outage must not undo the approval; the scheduler re-dispatches queued runs.
-    transaction.on_commit(lambda: dispatch(run_id, task_id), robust=True)
-    return run
+    sent = [(run.pk, request.vm.connection_id, run.worker_task_id) for run, request in zip(runs, requests, strict=True)]
+    transaction.on_commit(lambda: dispatch_many(sent), robust=True)
+    return runs
 
 
 def dispatch_all_admissible() -> int:
