@@ -87,7 +87,8 @@ def _claim_many(run_ids: list[int], worker: str) -> list[MigrationRun]:
                            .filter(pk__in=set(connection_of.values())).order_by("pk"))
         # Lock order everywhere: the requests, then their runs (cancel and finish take them so too).
         requests = {r.pk: r for r in MigrationRequest.objects.select_for_update(of=("self",))
-                    .select_related("vm").filter(run__pk__in=connection_of).order_by("pk")}
+                    .select_related("vm", "requester", "target_host", "target_datastore")
+                    .filter(run__pk__in=connection_of).order_by("pk")}
         runs = list(MigrationRun.objects.select_for_update(of=("self",)).filter(pk__in=connection_of).order_by("pk"))
         now = timezone.now()
         candidates, waiting = [], []
@@ -167,8 +168,9 @@ def migration_runs_execute(*, run_ids: list[int], worker: str) -> None:
     if not claimed:
         return
     runs = list(MigrationRun.objects.select_related(
-        "request__vm__connection", "request__vm__host", "request__target_host", "request__target_datastore"
-    ).filter(pk__in=[run.pk for run in claimed]).order_by("pk"))
+        "request__vm__connection", "request__vm__host__cluster", "request__target_host__cluster",
+        "request__target_datastore", "request__requester",
+    ).prefetch_related("request__vm__disks").filter(pk__in=[run.pk for run in claimed]).order_by("pk"))
     by_connection: dict[int, list[MigrationRun]] = {}
     for run in runs:
         by_connection.setdefault(run.request.vm.connection_id, []).append(run)
@@ -234,14 +236,16 @@ def _preflight_at_start(runs: list[MigrationRun], driver: drv.Driver,
     """The world may have changed since approval (a host entered maintenance, a datastore filled
     up): check again, with the portal's inventory and the endpoint's own checks, one call to the
     driver for the batch. Per run: '' when all pass, else what failed (or the driver's error)."""
-    from migrations_app.services.preflight import check_move
+    from migrations_app.services.preflight import check_move, host_mounts
 
     problems: dict[int, str | drv.DriverError] = {}
     asked = []
+    mounts = host_mounts({run.request.target_host_id or run.request.vm.host_id for run in runs})
     for run in runs:
         request = run.request
         try:
-            check_move(request.vm, request.kind, request.target_host, request.target_datastore, cold=request.cold)
+            check_move(request.vm, request.kind, request.target_host, request.target_datastore, cold=request.cold,
+                       mounts=mounts)
         except ActionRefused as exc:
             problems[run.pk] = exc.message
         else:

@@ -113,7 +113,7 @@ def migration_runs_finish(items: list[tuple[MigrationRun, _Outcome]], *, reconci
     with transaction.atomic():
         requests = {r.pk: r for r in (
             MigrationRequest.objects.select_for_update(of=("self",))
-            .select_related("vm__host", "vm__connection")
+            .select_related("vm__host", "vm__connection", "requester", "target_host", "target_datastore")
             .prefetch_related(Prefetch("vm__disks", queryset=VirtualDisk.objects.select_related("datastore")))
             .filter(pk__in=[run.request_id for run, _ in items]).order_by("pk"))}
         runs = []
