@@ -19,7 +19,7 @@ from migrations_app.bulk import update_objects
 from migrations_app.choices import AuditAction, MigrationKind, RequestStatus
 from migrations_app.models import MigrationRequest, MigrationRun, VirtualDisk
 from migrations_app.services.audit import audit_append, audit_entry
-from migrations_app.services.requests import notify_request_changed, set_status
+from migrations_app.services.requests import notify_requests_changed, set_status
 from migrations_app.services.runs.events import NewEvent, append_run_events
 
 S = RequestStatus
@@ -130,20 +130,25 @@ def migration_run_redispatch_stale(*, older_than_s: float = 300.0) -> int:
 
 def migration_request_start_due(*, now=None) -> int:
     """Queue approved requests whose window has opened (and not closed: the expiry pass ends
-    those). Returns how many were queued."""
+    those), all in one transaction, so runs whose window opens together reach the workers in
+    batches (``dispatch_many``). Returns how many were queued."""
     now = now or timezone.now()
-    count = 0
-    due = MigrationRequest.objects.filter(status=S.APPROVED, start_after__lte=now).exclude(
-        window_end__lte=now).values_list("pk", flat=True)
-    for pk in due:
-        with transaction.atomic():
-            request = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm").get(pk=pk)
-            if request.status != S.APPROVED or windows.window_closed(request, now):
-                continue
-            migration_run_enqueue(request=request, actor=None)
-            notify_request_changed(request)
-            count += 1
-    return count
+    due = list(MigrationRequest.objects.filter(status=S.APPROVED, start_after__lte=now).exclude(
+        window_end__lte=now).order_by("pk").values_list("pk", flat=True)[:MAX_DUE_AT_ONCE])
+    if not due:
+        return 0
+    with transaction.atomic():
+        locked = MigrationRequest.objects.select_for_update(of=("self",)).select_related("vm", "requester").filter(
+            pk__in=due).order_by("pk")
+        requests = [r for r in locked if r.status == S.APPROVED and not windows.window_closed(r, now)]
+        migration_runs_enqueue(requests=requests, actor=None)
+        notify_requests_changed(requests)
+    return len(requests)
+
+
+# A scheduler pass queues at most this many due requests in one transaction (the next pass,
+# seconds later, takes the rest): its row locks are held until it commits.
+MAX_DUE_AT_ONCE = 500
 
 
 @dataclass(frozen=True)
