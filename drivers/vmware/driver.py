@@ -70,6 +70,19 @@ T = TypeVar("T")
 RELOCATE_TASKS = frozenset({"VirtualMachine.relocate", "VirtualMachine.relocateVm"})
 
 
+def _in_threads(work: Callable[[int], None], indexes, *, name: str) -> None:
+    """Call ``work(i)`` for every index, each in its own thread (inline for one); wait for all."""
+    indexes = list(indexes)
+    if len(indexes) == 1:
+        work(indexes[0])
+        return
+    threads = [threading.Thread(target=work, args=(i,), name=f"{name}-{i}", daemon=True) for i in indexes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 class VCenterDriver(Driver):
     """vCenter through pyvmomi. Options (``ConnectionConfig.options``):
 
@@ -388,11 +401,17 @@ class VCenterDriver(Driver):
             return [exc] * len(specs)
         reporters = [_ProgressReporter(lambda u, i=i: on_progress(i, u)) for i in range(len(specs))]
         begun: dict[int, tuple[MoveFacts, Any]] = {}
-        for i, spec in enumerate(specs):
+
+        def start(i: int) -> None:
             try:
-                begun[i] = self._start_one(spec, facts[i], reporters[i])
-            except DriverError as exc:
+                begun[i] = self._start_one(specs[i], facts[i], reporters[i])
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 results[i] = exc
+
+        # Each start in its own thread: RelocateVM_Task answers once vCenter has queued the task,
+        # which may take a while on a busy vCenter (and vcsim runs the whole move inside the call).
+        _in_threads(start, range(len(specs)), name="relocate")
+        begun = dict(sorted(begun.items()))
         try:
             ended = self._translated_ended_at_once(
                 [(task, specs[i]) for i, (_, task) in begun.items()], started, [cancels[i] for i in begun])
@@ -407,16 +426,13 @@ class VCenterDriver(Driver):
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 results[i] = exc
 
-        threads = []
+        following = []
         for i, at_once in zip(begun, ended, strict=True):
             if at_once is not None:
                 finish(i, at_once)
             else:
-                threads.append(threading.Thread(target=finish, args=(i, None), name=f"follow-{i}", daemon=True))
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+                following.append(i)
+        _in_threads(lambda i: finish(i, None), following, name="follow")
         return [r if r is not None else MigrationFailed("the move ended without a result") for r in results]
 
     @_translated(context="reading the moves")
