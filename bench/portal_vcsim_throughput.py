@@ -6,14 +6,20 @@
     # each RelocateVM_Task takes that long on vcsim (its moves are otherwise instant; a real
     # vMotion takes seconds): shows the rates when the hypervisor, not the portal, sets the pace
 
-Portal path, per move: the submit service (checks, transaction, audit), the approve service (queues
-the run), then the worker's execution service (claim with SELECT FOR UPDATE, driver, numbered
-progress events, placement, audit) in WORKERS worker processes (or threads), as a Celery worker of
-that concurrency runs them. Baseline: the same number of RelocateVM_Task + WaitForTask calls in a
-loop. Both print moves per second; the ratio says whether the portal is the bottleneck. It also
-prints the database queries and SOAP round trips one move costs in each step (measured on one
-move before the timed part). Django runs with DEBUG off, as deployed. Uses PostgreSQL (database
-$BENCH_DB, default portal_bench, recreated) as production does.
+Portal path: the VM owner submits the moves in forms of SUBMIT_BATCH VMs (default 20; the batch
+submit service: checks, policy, one transaction, audit) and the approver approves each form's
+requests at once (the batch approve service: signatures, runs queued, handed to the workers in
+messages of up to PORTAL_WORKER_BATCH runs). WORKERS worker processes take the messages from a
+queue standing in for the broker, as a Celery worker of that concurrency does, and run the
+worker's execution service on each (claim with SELECT FOR UPDATE and admission control, pre-flight,
+the driver's migrate_many, numbered progress events, placement, audit); runs admission control
+holds back are sent again through the same queue when a move ends. Submission and execution
+overlap, as the web server and the workers do. Baseline: the same number of RelocateVM_Task +
+WaitForTask calls in a loop. Both print moves per second; the ratio says whether the portal is the
+bottleneck. It also prints the database queries and SOAP round trips one move costs in each step
+when it is alone (measured on one move, through the one-move services, before the timed part).
+Django runs with DEBUG off, as deployed. Uses PostgreSQL (database $BENCH_DB, default
+portal_bench, recreated) as production does.
 """
 
 from __future__ import annotations

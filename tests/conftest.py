@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Group, User
+from django.test import Client
 
 from migrations_app.choices import Role
 from migrations_app.models import HypervisorConnection, VirtualMachine
 from migrations_app.services.inventory import inventory_sync
 
+
+def client_for(user) -> Client:
+    """A test client logged in as ``user``."""
+    c = Client()
+    c.force_login(user)
+    return c
 
 def pytest_collection_modifyitems(config, items):
     """Deselect (never skip) the tests of peers that DRIVER_KINDS leaves out."""

@@ -33,29 +33,10 @@ def _chain_tail() -> str:
     return last or audit_chain.GENESIS
 
 
-def audit_record(
-    *,
-    actor,
-    action: AuditAction,
-    request: MigrationRequest | None = None,
-    object_type: str = "",
-    object_id: str = "",
-    outcome: AuditOutcome = AuditOutcome.SUCCESS,
-    reason: str = "",
-    before: dict | None = None,
-    after: dict | None = None,
-    task_id: str = "",
-    ip: str | None = None,
-    vm_name: str = "",
-    data: dict | None = None,
-    actor_name: str = "",
-) -> AuditEntry:
-    """Append one audit entry. ``actor`` None means the system (a worker, the scheduler)."""
-    return audit_append([audit_entry(
-        actor=actor, action=action, request=request, object_type=object_type, object_id=object_id,
-        outcome=outcome, reason=reason, before=before, after=after, task_id=task_id, ip=ip, vm_name=vm_name,
-        data=data, actor_name=actor_name,
-    )])[0]
+def audit_record(**fields) -> AuditEntry:
+    """Append one audit entry (``audit_entry``'s fields; ``actor`` None means the system: a
+    worker, the scheduler)."""
+    return audit_append([audit_entry(**fields)])[0]
 
 
 def audit_entry(

@@ -8,12 +8,11 @@ import json
 import pytest
 from django.contrib.auth.models import Group
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.test import Client
 
 from migrations_app.choices import Role
 from migrations_app.models import ApprovalPolicy, AuditEntry, VirtualMachine
 from migrations_app.services import requests as svc
-from tests.conftest import install_policy, make_user, other_host_same_cluster, running_vm
+from tests.conftest import client_for, install_policy, make_user, other_host_same_cluster, running_vm
 
 pytestmark = pytest.mark.django_db
 
@@ -24,12 +23,6 @@ TWO_STAGES = {
         {"name": "Change board", "groups": ["change-board"], "mode": "n_distinct", "count": 2},
     ]}],
 }
-
-
-def client_for(user) -> Client:
-    c = Client()
-    c.force_login(user)
-    return c
 
 
 @pytest.fixture

@@ -10,16 +10,10 @@ from django.test import Client
 
 from migrations_app.choices import AuditOutcome, RequestStatus
 from migrations_app.models import AuditEntry, MigrationRequest, MigrationRun, RequestApproval, VirtualMachine
-from tests.conftest import other_cluster_host, other_host_same_cluster
+from tests.conftest import client_for, other_cluster_host, other_host_same_cluster
 
 S = RequestStatus
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
-
-
-def client_for(user) -> Client:
-    c = Client()
-    c.force_login(user)
-    return c
 
 
 def post(client, url, payload):

@@ -4,21 +4,14 @@ requests selected in the queue."""
 from __future__ import annotations
 
 import pytest
-from django.test import Client
 
 from migrations_app.choices import RequestStatus
 from migrations_app.models import MigrationRequest, VirtualMachine
 from migrations_app.selectors import host_choices
-from tests.conftest import other_cluster_host
+from tests.conftest import client_for, other_cluster_host
 
 S = RequestStatus
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
-
-
-def client_for(user) -> Client:
-    c = Client()
-    c.force_login(user)
-    return c
 
 
 def three_vms_and_a_common_host(conn):

@@ -12,15 +12,9 @@ from django.test import Client
 from migrations_app.choices import RequestStatus
 from migrations_app.models import AuditEntry, Datastore, Host, HypervisorConnection, MigrationRequest, VirtualMachine
 from migrations_app.services import requests as svc
-from tests.conftest import other_cluster_host, other_host_same_cluster, running_vm
+from tests.conftest import client_for, other_cluster_host, other_host_same_cluster, running_vm
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
-
-
-def client_for(user) -> Client:
-    c = Client()
-    c.force_login(user)
-    return c
 
 
 def migrate_post(vm, **fields):
