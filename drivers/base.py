@@ -433,14 +433,14 @@ class Driver(abc.ABC):
     # its round trips once per batch rather than once per move. The defaults call the one-move
     # methods, each move in its own thread, so every driver supports batches.
 
-    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | DriverError]:
-        """``preflight`` for several moves: item i is specs[i]'s checks, or the DriverError that
-        kept them from being made (that move alone)."""
-        out: list[tuple[PreflightCheck, ...] | DriverError] = []
+    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | Exception]:
+        """``preflight`` for several moves: item i is specs[i]'s checks, or the exception that
+        kept them from being made (a DriverError, or any other: the portal's bug), for that move alone."""
+        out: list[tuple[PreflightCheck, ...] | Exception] = []
         for spec in specs:
             try:
                 out.append(self.preflight(spec))
-            except DriverError as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, which tells bugs apart
                 out.append(exc)
         return out
 
@@ -451,11 +451,14 @@ class Driver(abc.ABC):
         on_progress: Callable[[int, ProgressUpdate], None],
         cancels: Sequence[threading.Event],
         cold: frozenset[int] = frozenset(),
+        on_done: Callable[[int, MigrationResult | BaseException], None] | None = None,
     ) -> list[MigrationResult | BaseException]:
         """Run several moves, each to its end, each as ``migrate`` (``cold_move`` for the indexes
         in ``cold``) would: item i is specs[i]'s result or the exception it ended with (a
         DriverError, or any other exception: the portal's bug). ``on_progress(i, update)``
-        reports move i; ``cancels[i]`` stops move i alone. Blocks until every move has ended."""
+        reports move i; ``cancels[i]`` stops move i alone; ``on_done(i, result)`` is called as
+        soon as move i has ended, so a caller need not wait for the batch's slowest move to
+        record the others. Blocks until every move has ended."""
         if len(cancels) != len(specs):
             raise ValueError(f"{len(specs)} moves but {len(cancels)} cancel events")
         results: list[MigrationResult | BaseException | None] = [None] * len(specs)
@@ -466,6 +469,8 @@ class Driver(abc.ABC):
                 results[i] = move(specs[i], on_progress=lambda update: on_progress(i, update), cancel=cancels[i])
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, which tells bugs apart
                 results[i] = exc
+            if on_done is not None:
+                on_done(i, results[i])
 
         if len(specs) == 1:
             one(0)

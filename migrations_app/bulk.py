@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from django.db import connections, router
+from django.db import connections, router, transaction
 from django.db.models import Model
 
 
 def update_rows(model: type[Model], rows: Iterable[tuple[int, Sequence]], fields: Sequence[str], *,
                 add: Sequence[str] = (), returning: Sequence[str] = ()) -> list[tuple]:
     """For each (pk, values) row, set ``fields`` to ``values`` in order; the fields named in
-    ``add`` are incremented by their value instead. Returns the ``returning`` columns of the
+    ``add`` are incremented by their value instead. The rows are locked in id order before they
+    are written (in the caller's transaction, or one of its own). Returns the ``returning`` columns of the
     updated rows (pk first), as the database gives them back (empty when ``returning`` is empty)."""
     rows = list(rows)
     if not rows:
@@ -33,6 +34,11 @@ def update_rows(model: type[Model], rows: Iterable[tuple[int, Sequence]], fields
     for pk, values in rows:
         if len(values) != len(columns):
             raise ValueError(f"{len(columns)} fields but {len(values)} values for row {pk}")
+        for f, v in zip(columns, values, strict=True):
+            # A CAST to varchar(n) would cut a longer value without a word: refuse it, as save() would fail.
+            if isinstance(v, str) and f.max_length is not None and len(v) > f.max_length:
+                raise ValueError(f"{meta.model_name}.{f.name} of row {pk} is {len(v)} characters, "
+                                 f"longer than its {f.max_length}")
         params.append(pk)
         params += [f.get_db_prep_save(v, connection=db) for f, v in zip(columns, values, strict=True)]
     names = ["pk_"] + [f"v{i}" for i in range(len(columns))]
@@ -47,7 +53,13 @@ def update_rows(model: type[Model], rows: Iterable[tuple[int, Sequence]], fields
            f"UPDATE {table} SET {sets} FROM v WHERE {table}.{quote(meta.pk.column)} = v.pk_")
     if returning:
         sql += " RETURNING " + ", ".join(f"{table}.{quote(meta.get_field(name).column)}" for name in returning)
-    with db.cursor() as cursor:
+    with transaction.atomic(using=db.alias, savepoint=False), db.cursor() as cursor:
+        if len(rows) > 1 and db.features.has_select_for_update:
+            # Lock the rows in id order first: an UPDATE takes its rows' locks in the order it
+            # meets them, and two writers of the same rows in different orders would deadlock.
+            ids = sorted({pk for pk, _ in rows})
+            cursor.execute(f"SELECT 1 FROM {table} WHERE {quote(meta.pk.column)} IN ({', '.join(['%s'] * len(ids))}) "
+                           f"ORDER BY {quote(meta.pk.column)} FOR UPDATE", ids)
         cursor.execute(sql, params)
         return cursor.fetchall() if returning else []
 

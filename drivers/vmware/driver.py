@@ -341,20 +341,26 @@ class VCenterDriver(Driver):
 
     # -- batches: one read of the facts, one read of the ended tasks, for the whole batch ---
     @_translated(context="checking the moves")
-    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | DriverError]:
+    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | Exception]:
         facts = self._facts_many(specs)
         if facts is None:
             return super().preflight_many(specs)
-        out: list[tuple[PreflightCheck, ...] | DriverError] = []
-        for spec, fact in zip(specs, facts, strict=True):
-            if isinstance(fact, DriverError):
-                out.append(fact)
-                continue
+        out: list[tuple[PreflightCheck, ...] | Exception | None] = list(facts)
+
+        def check(i: int) -> None:
             try:
-                out.append(self._checks(spec, fact))
-            except DriverError as exc:
-                out.append(exc)
+                out[i] = self._checks_one(specs[i], facts[i])
+            except Exception as exc:  # noqa: BLE001 - that move alone
+                out[i] = exc
+
+        # Each move's checks in its own thread (CheckRelocate_Task is a task to follow, where vCenter
+        # has it): the batch's pre-flight lasts about as long as one move's.
+        _in_threads(check, [i for i, fact in enumerate(facts) if not isinstance(fact, DriverError)], name="check")
         return out
+
+    @_translated(context="checking the move")
+    def _checks_one(self, spec: MigrationSpec, facts: MoveFacts) -> tuple[PreflightCheck, ...]:
+        return self._checks(spec, facts)
 
     def _facts_many(self, specs: Sequence[MigrationSpec]) -> list[MoveFacts | DriverError] | None:
         """The facts of every move in one RetrievePropertiesEx; None when vCenter refused the batch
@@ -386,18 +392,27 @@ class VCenterDriver(Driver):
         on_progress: Callable[[int, ProgressUpdate], None],
         cancels: Sequence[threading.Event],
         cold: frozenset[int] = frozenset(),
+        on_done: Callable[[int, MigrationResult | BaseException], None] | None = None,
     ) -> list[MigrationResult | BaseException]:
         """Start every move (one read of all their facts first), read every task and VM in one
         retrieval, and follow the tasks that had not ended, each in its own thread. A batch of
         moves that end at once (vcsim's, small ones on vCenter) costs one round trip per move
         plus two for the batch."""
         if cold or len(specs) <= 1 or len(cancels) != len(specs):
-            return super().migrate_many(specs, on_progress=on_progress, cancels=cancels, cold=cold)
+            return super().migrate_many(specs, on_progress=on_progress, cancels=cancels, cold=cold, on_done=on_done)
         started = time.monotonic()
         results: list[MigrationResult | BaseException | None] = [None] * len(specs)
+
+        def ended(i: int, result: MigrationResult | BaseException) -> None:
+            results[i] = result
+            if on_done is not None:
+                on_done(i, result)
+
         try:
             facts: list = self._translated_facts_many(specs)
         except DriverError as exc:
+            for i in range(len(specs)):
+                ended(i, exc)
             return [exc] * len(specs)
         reporters = [_ProgressReporter(lambda u, i=i: on_progress(i, u)) for i in range(len(specs))]
         begun: dict[int, tuple[MoveFacts, Any]] = {}
@@ -406,28 +421,29 @@ class VCenterDriver(Driver):
             try:
                 begun[i] = self._start_one(specs[i], facts[i], reporters[i])
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                results[i] = exc
+                ended(i, exc)
 
         # Each start in its own thread: RelocateVM_Task answers once vCenter has queued the task,
         # which may take a while on a busy vCenter (and vcsim runs the whole move inside the call).
         _in_threads(start, range(len(specs)), name="relocate")
         begun = dict(sorted(begun.items()))
         try:
-            ended = self._translated_ended_at_once(
+            at_once_ends = self._translated_ended_at_once(
                 [(task, specs[i]) for i, (_, task) in begun.items()], started, [cancels[i] for i in begun])
         except DriverError:
-            ended = [None] * len(begun)  # follow each task on its own
+            at_once_ends = [None] * len(begun)  # follow each task on its own
 
         def finish(i: int, at_once) -> None:
             fact, task = begun[i]
             try:
-                results[i] = self._migrate_one(specs[i], fact, task, reporters[i], started=started,
-                                               cancel=cancels[i], at_once=at_once)
+                result: MigrationResult | BaseException = self._migrate_one(
+                    specs[i], fact, task, reporters[i], started=started, cancel=cancels[i], at_once=at_once)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                results[i] = exc
+                result = exc
+            ended(i, result)
 
         following = []
-        for i, at_once in zip(begun, ended, strict=True):
+        for i, at_once in zip(begun, at_once_ends, strict=True):
             if at_once is not None:
                 finish(i, at_once)
             else:

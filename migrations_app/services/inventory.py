@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from drivers import base as drv
 from drivers import registry
+from migrations_app.bulk import update_objects
 from migrations_app.choices import AuditAction, AuditOutcome
 from migrations_app.models import (
     Cluster,
@@ -107,7 +108,9 @@ def _bulk_update(model, changed: dict) -> None:
     for obj, fields in changed.values():
         by_fields.setdefault(tuple(sorted(fields)), []).append(obj)
     for fields, objs in by_fields.items():
-        model.objects.bulk_update(objs, fields, batch_size=_BATCH)
+        objs.sort(key=lambda obj: obj.pk)  # rows locked in id order, as every bulk writer does
+        for start in range(0, len(objs), _BATCH):
+            update_objects(objs[start:start + _BATCH], fields)
 
 
 def _mirror_vms(conn: HypervisorConnection, inv: drv.Inventory, hosts: dict, stores: dict) -> None:

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from migrations_app import access, notifications
 from migrations_app.choices import CANCELABLE, AuditAction, NotificationCategory, RuleAction
-from migrations_app.models import MovePlan, PlanItem
+from migrations_app.models import MigrationRequest, MigrationRun, MovePlan, PlanItem
 from migrations_app.services.errors import ActionRefused, refuse_unless
 from migrations_app.services.plans._common import (
     Item,
@@ -151,6 +151,12 @@ def move_plan_cancel(*, plan: MovePlan, actor, reason: str = "", ip: str | None 
     with transaction.atomic():
         plan = lock_plan(plan)
         refuse_unless(access.can_cancel_plan(actor, plan))
+        # The open moves' requests and runs are locked now, in id order, before the first audit
+        # entry takes the chain's lock: a worker finishing several of them holds those rows and
+        # then waits for the chain, so taking them the other way round would deadlock.
+        moving = list(plan.items.filter(status=Item.MOVING).values_list("request_id", flat=True))
+        list(MigrationRequest.objects.select_for_update(of=("self",)).filter(pk__in=moving).order_by("pk"))
+        list(MigrationRun.objects.select_for_update(of=("self",)).filter(request_id__in=moving).order_by("pk"))
         plan.items.filter(status=Item.PLANNED).update(status=Item.CANCELLED, explanation="Cancelled with the plan.")
         audit_plan(plan, actor=actor, action=AuditAction.PLAN_CANCELLED, reason=reason, ip=ip)
         # Told now, by whoever cancelled (a running plan then finishes as cancelled, without a

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from drivers import base as drv
 from migrations_app import notifications, watchdog, windows
-from migrations_app.bulk import update_objects
+from migrations_app.bulk import update_objects, update_rows
 from migrations_app.choices import (
     TERMINAL,
     AuditAction,
@@ -163,63 +163,78 @@ def migration_run_execute(*, run_id: int, worker: str) -> None:
 
 def migration_runs_execute(*, run_ids: list[int], worker: str) -> None:
     """``migration_run_execute`` for a batch of runs: claim those that may start, check them again,
-    move them together through their connection's driver, and finish each with its own outcome."""
-    claimed = _claim_many(list(run_ids), worker)
-    if not claimed:
-        return
-    runs = list(MigrationRun.objects.select_related(
-        "request__vm__connection", "request__vm__host__cluster", "request__target_host__cluster",
-        "request__target_datastore", "request__requester",
-    ).prefetch_related("request__vm__disks").filter(pk__in=[run.pk for run in claimed]).order_by("pk"))
-    by_connection: dict[int, list[MigrationRun]] = {}
-    for run in runs:
-        by_connection.setdefault(run.request.vm.connection_id, []).append(run)
-    for group in by_connection.values():
-        _execute(group)
+    move them together through their connection's driver, and finish each with its own outcome as
+    its move ends. Runs of several connections (``dispatch_many`` never mixes them) are taken one
+    connection at a time, each claimed just before it is moved."""
+    groups: dict[int, list[int]] = {}
+    for run_id, connection_id in MigrationRun.objects.filter(pk__in=list(run_ids)).values_list(
+            "pk", "request__vm__connection_id").order_by("pk"):
+        groups.setdefault(connection_id, []).append(run_id)
+    for run_id in sorted(set(run_ids) - {pk for ids in groups.values() for pk in ids}):
+        log.warning("run %s does not exist; dropping the message", run_id)
+    for ids in groups.values():
+        claimed = _claim_many(ids, worker)
+        if claimed:
+            _execute(list(MigrationRun.objects.select_related(
+                "request__vm__connection", "request__vm__host__cluster", "request__target_host__cluster",
+                "request__target_datastore", "request__requester",
+            ).prefetch_related("request__vm__disks").filter(pk__in=[run.pk for run in claimed]).order_by("pk")))
 
 
 def _execute(runs: list[MigrationRun]) -> None:
-    """Check, start and drive claimed runs of one connection, then finish every one not settled meanwhile."""
+    """Check, start and drive claimed runs of one connection; a run that cannot start is finished
+    at once, and each moving run when its move ends. A run settled meanwhile is left alone."""
     from migrations_app.services.inventory import driver_for
 
     outcomes = {run.pk: _Outcome() for run in runs}
-    to_drive: list[MigrationRun] = []
-    settled: set[int] = set()
     try:
         driver = driver_for(runs[0].request.vm.connection)
-        specs = {run.pk: _spec(run) for run in runs}
-        problems = _preflight_at_start(runs, driver, specs)
     except drv.DriverError as exc:
         for outcome in outcomes.values():
             outcome.error = exc
+        migration_runs_finish([(run, outcomes[run.pk]) for run in runs])
+        return
     except (ValueError, LookupError) as exc:  # broken configuration: our side
         for outcome in outcomes.values():
             outcome.error, outcome.traceback = exc, traceback.format_exc()
-    else:
-        ready = []
-        for run in runs:
-            problem = problems[run.pk]
-            if isinstance(problem, drv.DriverError):
-                outcomes[run.pk].error = problem
-            elif problem:
-                # Stopped before the driver's migrate is called; the explanation reaches the page and the audit log.
-                outcomes[run.pk].error = drv.MigrationFailed(
-                    f"Pre-flight at start failed, the world changed: {problem}. Nothing was moved.")
-            else:
-                ready.append(run)
-        statuses = _start_gate(ready)
-        for run in ready:
-            status = statuses.get(run.pk)
-            if status in TERMINAL or status is None:
-                log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, status)
-                settled.add(run.pk)
-            elif status == S.CANCELLING:
-                outcomes[run.pk].error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
-            else:
-                to_drive.append(run)
-        if to_drive:
-            _drive(to_drive, driver, specs, outcomes)
-    migration_runs_finish([(run, outcomes[run.pk]) for run in runs if run.pk not in settled])
+        migration_runs_finish([(run, outcomes[run.pk]) for run in runs])
+        return
+    specs: dict[int, drv.MigrationSpec] = {}
+    for run in runs:
+        try:
+            specs[run.pk] = _spec(run)
+        except (ValueError, LookupError) as exc:  # this run's data is broken: our side
+            outcomes[run.pk].error, outcomes[run.pk].traceback = exc, traceback.format_exc()
+    checked = [run for run in runs if run.pk in specs]
+    problems = _preflight_at_start(checked, driver, specs)
+    ready = []
+    for run in checked:
+        problem, outcome = problems[run.pk], outcomes[run.pk]
+        if isinstance(problem, drv.DriverError):
+            outcome.error = problem
+        elif isinstance(problem, Exception):  # the portal's bug, for this run alone
+            outcome.error, outcome.traceback = problem, "".join(traceback.format_exception(problem))
+        elif problem:
+            # Stopped before the driver's migrate is called; the explanation reaches the page and the audit log.
+            outcome.error = drv.MigrationFailed(f"Pre-flight at start failed, the world changed: {problem}. "
+                                                "Nothing was moved.")
+        else:
+            ready.append(run)
+    statuses = _start_gate(ready)
+    to_drive = []
+    for run in ready:
+        status = statuses.get(run.pk)
+        if status in TERMINAL or status is None:
+            log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, status)
+            outcomes.pop(run.pk)
+        elif status == S.CANCELLING:
+            outcomes[run.pk].error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
+        else:
+            to_drive.append(run)
+    driving = {run.pk for run in to_drive}
+    migration_runs_finish([(run, outcomes[run.pk]) for run in runs if run.pk in outcomes and run.pk not in driving])
+    if to_drive:
+        _drive(to_drive, driver, specs, outcomes)
 
 
 def _start_gate(runs: list[MigrationRun]) -> dict[int, str]:
@@ -232,13 +247,14 @@ def _start_gate(runs: list[MigrationRun]) -> dict[int, str]:
 
 
 def _preflight_at_start(runs: list[MigrationRun], driver: drv.Driver,
-                        specs: dict[int, drv.MigrationSpec]) -> dict[int, str | drv.DriverError]:
+                        specs: dict[int, drv.MigrationSpec]) -> dict[int, str | Exception]:
     """The world may have changed since approval (a host entered maintenance, a datastore filled
     up): check again, with the portal's inventory and the endpoint's own checks, one call to the
-    driver for the batch. Per run: '' when all pass, else what failed (or the driver's error)."""
+    driver for the batch. Per run: '' when all pass, else what failed, or the exception that
+    stopped its check (a DriverError, or the portal's bug)."""
     from migrations_app.services.preflight import check_move, host_mounts
 
-    problems: dict[int, str | drv.DriverError] = {}
+    problems: dict[int, str | Exception] = {}
     asked = []
     mounts = host_mounts({run.request.target_host_id or run.request.vm.host_id for run in runs})
     for run in runs:
@@ -248,23 +264,37 @@ def _preflight_at_start(runs: list[MigrationRun], driver: drv.Driver,
                        mounts=mounts)
         except ActionRefused as exc:
             problems[run.pk] = exc.message
+        except Exception as exc:  # noqa: BLE001 - this run alone
+            problems[run.pk] = exc
         else:
             asked.append(run)
+    # One call for the batch; a driver answers about as fast as for one move (vCenter checks the
+    # moves side by side), so the claim's heartbeat covers it as it covers a single run's.
     answers = driver.preflight_many([specs[run.pk] for run in asked]) if asked else []
     if len(answers) != len(asked):
         raise drv.MigrationFailed(f"the driver answered {len(answers)} pre-flights for {len(asked)} moves")
     for run, answer in zip(asked, answers, strict=True):
-        if isinstance(answer, drv.DriverError):
+        if isinstance(answer, Exception):
             problems[run.pk] = answer
         else:
             problems[run.pk] = "; ".join(c.message for c in answer if not c.ok)
     return problems
 
 
+class _Done:
+    """A move of the batch has ended (``Driver.migrate_many``'s on_done), put on the updates queue."""
+
+    __slots__ = ("index", "result")
+
+    def __init__(self, index: int, result):
+        self.index, self.result = index, result
+
+
 def _drive(runs: list[MigrationRun], driver: drv.Driver, specs: dict[int, drv.MigrationSpec],
            outcomes: dict[int, _Outcome]) -> None:
     """Run the driver's batch in a helper thread; this thread records progress and heartbeats,
-    and stops a move whose run is cancelled or settled elsewhere, or overdue."""
+    stops a move whose run is cancelled or settled elsewhere, or overdue, and finishes each run as
+    soon as its move has ended (a short move does not wait for the batch's longest)."""
     updates: queue.Queue = queue.Queue()
     cancels = [threading.Event() for _ in runs]
     overdue = [False] * len(runs)
@@ -274,12 +304,12 @@ def _drive(runs: list[MigrationRun], driver: drv.Driver, specs: dict[int, drv.Mi
     def target() -> None:
         try:
             answer = driver.migrate_many([specs[run.pk] for run in runs], on_progress=lambda i, u: updates.put((i, u)),
-                                         cancels=cancels, cold=cold)
+                                         cancels=cancels, cold=cold, on_done=lambda i, r: updates.put(_Done(i, r)))
             if len(answer) != len(runs):
                 raise drv.MigrationFailed(f"the driver answered {len(answer)} moves for {len(runs)}")
             results.extend(answer)
         except BaseException as exc:  # noqa: BLE001 - every move of the batch ends with it
-            results.extend([exc] * len(runs))
+            results[:] = [exc] * len(runs)
         finally:
             updates.put(_FINISHED)
 
@@ -288,6 +318,8 @@ def _drive(runs: list[MigrationRun], driver: drv.Driver, specs: dict[int, drv.Mi
     began = time.monotonic()
     heartbeat_s = settings.PORTAL["HEARTBEAT_S"]
     recorders = [_ProgressRecorder(run) for run in runs]
+    ended: dict[int, object] = {}  # index -> the driver's result, once the move has ended
+    finished: set[int] = set()  # indexes whose run is finished
     next_beat = time.monotonic() + heartbeat_s
     while True:
         try:
@@ -302,74 +334,100 @@ def _drive(runs: list[MigrationRun], driver: drv.Driver, specs: dict[int, drv.Mi
                 batch.append(updates.get_nowait())
             except queue.Empty:
                 break
-        finished = bool(batch) and batch[-1] is _FINISHED
+        over = bool(batch) and batch[-1] is _FINISHED
         due = False
-        for index, update in batch[:-1] if finished else batch:
-            due = recorders[index].offer(update) or due
-        if finished:
-            break  # the last updates are stored after the join below
+        for entry in batch[:-1] if over else batch:
+            if isinstance(entry, _Done):
+                ended[entry.index] = entry.result
+            else:
+                index, update = entry
+                due = recorders[index].offer(update) or due
+        if over:
+            break  # the rest is stored and finished after the join below
         try:
             if due:
                 _flush(recorders)
+            newly = sorted(set(ended) - finished)
+            if newly:
+                _finish_ended(runs, newly, ended, recorders, outcomes, overdue)
+                finished.update(newly)
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + heartbeat_s
-                _flush(recorders)
-                active = [r for r, cancel in zip(recorders, cancels, strict=True) if not cancel.is_set()]
-                statuses = _heartbeat([r.run for r in active])
-                for i, recorder in enumerate(recorders):
-                    recorder.status = statuses.get(recorder.run.pk, recorder.status)
-                    if recorder.status in (S.CANCELLING, *TERMINAL) and not cancels[i].is_set():
+                _flush(recorders, force=True)
+                # Every run whose move has not ended proves its worker alive, aborting ones included.
+                moving = [i for i in range(len(runs)) if i not in ended]
+                statuses = _heartbeat([runs[i] for i in moving])
+                for i in moving:
+                    recorders[i].status = statuses.get(runs[i].pk, recorders[i].status)
+                    if recorders[i].status in (S.CANCELLING, *TERMINAL) and not cancels[i].is_set():
                         # Cancel asked, or the run was settled without us (judged lost): stop the move.
-                        log.info("run %s is %s: aborting the hypervisor job", recorder.run.pk, recorder.status)
+                        log.info("run %s is %s: aborting the hypervisor job", runs[i].pk, recorders[i].status)
                         cancels[i].set()
         except DatabaseError as exc:
             # Keep supervising the driver (cancel and timeout still work); record again next beat.
             log.warning("runs %s: database unavailable while recording progress: %s", [r.pk for r in runs], exc)
             close_old_connections()
         for i, run in enumerate(runs):
-            if not cancels[i].is_set() and watchdog.worker_overdue(
+            if i not in ended and not cancels[i].is_set() and watchdog.worker_overdue(
                     elapsed_s=time.monotonic() - began, budget_s=run.timeout_s,
                     grace_s=settings.PORTAL["ABORT_GRACE_S"]):
                 log.warning("run %s: the driver did not end the move within its budget; aborting it", run.pk)
                 overdue[i] = True
                 cancels[i].set()
     thread.join()
-    for i, run in enumerate(runs):
-        outcome, result = outcomes[run.pk], results[i]
+    for i, result in enumerate(results):
+        ended.setdefault(i, result)
+    rest = [i for i in range(len(runs)) if i not in finished]
+    try:
+        _finish_ended(runs, rest, ended, recorders, outcomes, overdue)
+    except DatabaseError as exc:
+        # The reconciler settles these runs from the hypervisor's record.
+        log.warning("runs %s: outcome not recorded: %s", [runs[i].pk for i in rest], exc)
+        close_old_connections()
+
+
+def _finish_ended(runs: list[MigrationRun], indexes: list[int], ended: dict[int, object],
+                  recorders: list[_ProgressRecorder], outcomes: dict[int, _Outcome], overdue: list[bool]) -> None:
+    """Store the last progress of these ended moves and finish their runs with what the driver said."""
+    if not indexes:
+        return
+    _flush([recorders[i] for i in indexes], force=True)
+    for i in indexes:
+        run, result = runs[i], ended[i]
+        outcome = outcomes[run.pk]
         if isinstance(result, drv.MigrationResult):
             outcome.result = result
         elif isinstance(result, drv.DriverError):
             outcome.error = result
         else:  # any other error is the portal's bug: keep the traceback
-            outcome.error = result
-            outcome.traceback = "".join(traceback.format_exception(result))
+            outcome.error = result if isinstance(result, BaseException) else RuntimeError(f"driver returned {result!r}")
+            outcome.traceback = "".join(traceback.format_exception(outcome.error))
         if overdue[i] and isinstance(outcome.error, drv.MigrationCancelled):
             outcome.error = drv.MigrationTimedOut(
                 f"{watchdog.timed_out_text(run.timeout_s)}: the driver did not stop the move at its budget, "
                 "so the portal aborted it; the VM stays on its source")
-    try:
-        _flush(recorders)
-    except DatabaseError as exc:
-        log.warning("runs %s: last progress not recorded: %s", [r.pk for r in runs], exc)
-        close_old_connections()
+    migration_runs_finish([(runs[i], outcomes[runs[i].pk]) for i in indexes])
 
 
 def _heartbeat(runs: list[MigrationRun]) -> dict[int, str]:
     """Prove the worker is alive for these runs; returns each request's status (``cancelling``
-    when asked to stop), two queries for the batch."""
+    when asked to stop), two queries for the batch (the rows locked in id order, as every
+    writer of several runs does)."""
     if not runs:
         return {}
-    MigrationRun.objects.filter(pk__in=[run.pk for run in runs]).update(heartbeat_at=timezone.now())
+    now = timezone.now()
+    update_rows(MigrationRun, [(run.pk, [now]) for run in runs], ["heartbeat_at"])
     by_request = dict(MigrationRequest.objects.filter(pk__in=[run.request_id for run in runs])
                       .values_list("pk", "status"))
     return {run.pk: by_request[run.request_id] for run in runs if run.request_id in by_request}
 
 
-def _flush(recorders: list[_ProgressRecorder]) -> None:
-    """Store what every recorder has due, in one transaction: the events, then the phase changes' audit entries."""
+def _flush(recorders: list[_ProgressRecorder], *, force: bool = False) -> None:
+    """Store what the recorders have due (and, with ``force``, their latest other update), in one
+    transaction: the events, then the phase changes' audit entries."""
     new, audits = [], []
     for recorder in recorders:
-        events, phases = recorder.take()
+        events, phases = recorder.take(force=force)
         new += events
         audits += phases
     if not new:
@@ -422,10 +480,14 @@ class _ProgressRecorder:
             self.pending = update
         return bool(self.due)
 
-    def take(self) -> tuple[list[NewEvent], list]:
-        """The events to store for what is due, and the audit entries of its phase changes."""
-        updates = self.due + ([self.pending] if self.pending is not None else [])
-        self.due, self.pending = [], None
+    def take(self, *, force: bool = False) -> tuple[list[NewEvent], list]:
+        """The events to store for what is due (with ``force`` or past the interval, the latest
+        other update too), and the audit entries of its phase changes."""
+        updates = list(self.due)
+        if self.pending is not None and (force or time.monotonic() - self.last_stored >= self.interval):
+            updates.append(self.pending)
+            self.pending = None
+        self.due = []
         events, audits = [], []
         for update in updates:
             event, phase = self._event(update)
