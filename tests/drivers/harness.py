@@ -104,8 +104,13 @@ class Harness:
     def migrate_many(self, specs: list[MigrationSpec]) -> tuple[list, list[list[ProgressUpdate]]]:
         """A batch through ``Driver.migrate_many``: its results and each move's progress, by index."""
         updates: list[list[ProgressUpdate]] = [[] for _ in specs]
+        done: list[tuple[int, object]] = []
         results = self.driver.migrate_many(specs, on_progress=lambda i, u: updates[i].append(u),
-                                           cancels=[threading.Event() for _ in specs])
+                                           cancels=[threading.Event() for _ in specs],
+                                           on_done=lambda i, r: done.append((i, r)))
+        # Every move is reported ended exactly once, with what the batch returns for it.
+        assert sorted(i for i, _ in done) == list(range(len(specs))), done
+        assert all(results[i] is r for i, r in done), (done, results)
         return results, updates
 
 
