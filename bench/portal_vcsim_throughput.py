@@ -115,7 +115,12 @@ def main() -> None:
             Disconnect(si)
         inventory_sync(connection=conn)  # the baseline moved one VM: start from the truth
 
-        vms = list(VirtualMachine.objects.filter(connection=conn, power_state="on").select_related("host")[:N + 1])
+        # The moves come from every host in turn (as VM owners across the cluster ask), each to
+        # another host: admission control's per-host limits (vCenter's 8 vMotions) bind evenly.
+        by_host: dict[int, list] = {}
+        for vm in VirtualMachine.objects.filter(connection=conn, power_state="on").select_related("host").order_by("pk"):
+            by_host.setdefault(vm.host_id, []).append(vm)
+        vms = [vm for row in zip(*by_host.values(), strict=False) for vm in row][:N + 1]
         hosts = list(Host.objects.filter(connection=conn).order_by("name"))
 
         def target_of(i: int, vm) -> Host:
