@@ -2,8 +2,9 @@
 
 Django's ``bulk_update`` writes a CASE WHEN per field and row, which costs more Python time to
 build than the rows cost the database to write; a worker's batch of runs updates a few dozen rows
-at a time, many times a second. PostgreSQL and SQLite (3.35+, for RETURNING) both take ``WITH ... UPDATE ... FROM``; each
-value is CAST to its column's type, so a NULL or a timestamp in the first row types the column.
+at a time, many times a second. PostgreSQL and SQLite (3.35+, for RETURNING) both take ``WITH ... UPDATE ... FROM``; on
+PostgreSQL each value is CAST to its column's type, so a NULL or a timestamp in the first row
+types the column.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ def update_rows(model: type[Model], rows: Iterable[tuple[int, Sequence]], fields
     meta = model._meta
     quote = db.ops.quote_name
     columns = [meta.get_field(name) for name in fields]
-    pk_type = meta.pk.rel_db_type(db) if meta.pk.is_relation else meta.pk.db_type(db)
-    casts = [f"CAST(%s AS {pk_type})"] + [f"CAST(%s AS {f.db_type(db)})" for f in columns]
+    if db.vendor == "postgresql":
+        # Each value CAST to its column's type: PostgreSQL types a VALUES column from its first row.
+        casts = [f"CAST(%s AS {meta.pk.db_type(db)})"] + [f"CAST(%s AS {f.db_type(db)})" for f in columns]
+    else:
+        # SQLite stores what it is given; a CAST there would change values (to "datetime", a
+        # NUMERIC affinity, '2026-11-28 12:00' becomes 2026).
+        casts = ["%s"] * (1 + len(columns))
     row_sql = "(" + ", ".join(casts) + ")"
     params: list = []
     for pk, values in rows:
