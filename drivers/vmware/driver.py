@@ -16,7 +16,6 @@ from drivers.base import (
     ConnectionConfig,
     ConnectionFailed,
     Driver,
-    DriverError,
     Inventory,
     MigrationFailed,
     MigrationKind,
@@ -26,10 +25,10 @@ from drivers.base import (
     Placement,
     PreflightCheck,
     ProgressCallback,
-    ProgressUpdate,
     TaskInfo,
     TaskState,
 )
+from drivers.vmware.batch import BatchMoves
 from drivers.vmware.faults import _translated, fault_text
 from drivers.vmware.inventory import (
     PC,
@@ -40,7 +39,7 @@ from drivers.vmware.inventory import (
     read_placement,
     retrieve,
 )
-from drivers.vmware.moves import MoveFacts, assess_move, read_move_facts, read_moves_facts, relocate_spec
+from drivers.vmware.moves import MoveFacts, assess_move, read_move_facts, relocate_spec
 from drivers.vmware.session import (
     DEFAULT_API_VERSION,
     _CountingStub,
@@ -70,20 +69,7 @@ T = TypeVar("T")
 RELOCATE_TASKS = frozenset({"VirtualMachine.relocate", "VirtualMachine.relocateVm"})
 
 
-def _in_threads(work: Callable[[int], None], indexes, *, name: str) -> None:
-    """Call ``work(i)`` for every index, each in its own thread (inline for one); wait for all."""
-    indexes = list(indexes)
-    if len(indexes) == 1:
-        work(indexes[0])
-        return
-    threads = [threading.Thread(target=work, args=(i,), name=f"{name}-{i}", daemon=True) for i in indexes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-
-class VCenterDriver(Driver):
+class VCenterDriver(BatchMoves, Driver):
     """vCenter through pyvmomi. Options (``ConnectionConfig.options``):
 
     - ``page_size`` (1000): objects per RetrievePropertiesEx page;
@@ -338,130 +324,6 @@ class VCenterDriver(Driver):
         return MigrationResult(
             placement=placement, task_id=task_id, duration_s=time.monotonic() - started, message=message
         )
-
-    # -- batches: one read of the facts, one read of the ended tasks, for the whole batch ---
-    @_translated(context="checking the moves")
-    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | Exception]:
-        facts = self._facts_many(specs)
-        if facts is None:
-            return super().preflight_many(specs)
-        out: list[tuple[PreflightCheck, ...] | Exception | None] = list(facts)
-
-        def check(i: int) -> None:
-            try:
-                out[i] = self._checks_one(specs[i], facts[i])
-            except Exception as exc:  # noqa: BLE001 - that move alone
-                out[i] = exc
-
-        # Each move's checks in its own thread (CheckRelocate_Task is a task to follow, where vCenter
-        # has it): the batch's pre-flight lasts about as long as one move's.
-        _in_threads(check, [i for i, fact in enumerate(facts) if not isinstance(fact, DriverError)], name="check")
-        return out
-
-    @_translated(context="checking the move")
-    def _checks_one(self, spec: MigrationSpec, facts: MoveFacts) -> tuple[PreflightCheck, ...]:
-        return self._checks(spec, facts)
-
-    def _facts_many(self, specs: Sequence[MigrationSpec]) -> list[MoveFacts | DriverError] | None:
-        """The facts of every move in one RetrievePropertiesEx; None when vCenter refused the batch
-        because one of its objects is gone (then each move is read alone and gets its own error)."""
-        try:
-            return self._run(lambda s: read_moves_facts(s, specs, stub=self._stub, page_size=self.page_size))
-        except vmodl.fault.ManagedObjectNotFound:
-            return None
-
-    @_translated(MigrationFailed, context="migrating the VM")
-    def _migrate_one(self, spec: MigrationSpec, facts: MoveFacts | None, task: Any, progress: _ProgressReporter, *,
-                     started: float, cancel: threading.Event,
-                     at_once: tuple[_TaskEnd, Placement | None] | None) -> MigrationResult:
-        return self._end_move(spec, facts, task, progress, started=started, cancel=cancel, at_once=at_once)
-
-    @_translated(MigrationFailed, context="migrating the VM")
-    def _start_one(self, spec: MigrationSpec, facts: MoveFacts | DriverError | None,
-                   progress: _ProgressReporter) -> tuple[MoveFacts, Any]:
-        if isinstance(facts, DriverError):
-            raise facts
-        if facts is None:
-            facts = self._run(lambda s: self._move_facts(s, spec))
-        return facts, self._start_move(spec, facts, progress)
-
-    def migrate_many(
-        self,
-        specs: Sequence[MigrationSpec],
-        *,
-        on_progress: Callable[[int, ProgressUpdate], None],
-        cancels: Sequence[threading.Event],
-        cold: frozenset[int] = frozenset(),
-        on_done: Callable[[int, MigrationResult | BaseException], None] | None = None,
-    ) -> list[MigrationResult | BaseException]:
-        """Start every move (one read of all their facts first), read every task and VM in one
-        retrieval, and follow the tasks that had not ended, each in its own thread. A batch of
-        moves that end at once (vcsim's, small ones on vCenter) costs one round trip per move
-        plus two for the batch."""
-        if cold or len(specs) <= 1 or len(cancels) != len(specs):
-            return super().migrate_many(specs, on_progress=on_progress, cancels=cancels, cold=cold, on_done=on_done)
-        started = time.monotonic()
-        results: list[MigrationResult | BaseException | None] = [None] * len(specs)
-
-        def ended(i: int, result: MigrationResult | BaseException) -> None:
-            results[i] = result
-            if on_done is not None:
-                on_done(i, result)
-
-        try:
-            facts: list = self._translated_facts_many(specs)
-        except DriverError as exc:
-            for i in range(len(specs)):
-                ended(i, exc)
-            return [exc] * len(specs)
-        reporters = [_ProgressReporter(lambda u, i=i: on_progress(i, u)) for i in range(len(specs))]
-        begun: dict[int, tuple[MoveFacts, Any]] = {}
-
-        def start(i: int) -> None:
-            try:
-                begun[i] = self._start_one(specs[i], facts[i], reporters[i])
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                ended(i, exc)
-
-        # Each start in its own thread: RelocateVM_Task answers once vCenter has queued the task,
-        # which may take a while on a busy vCenter (and vcsim runs the whole move inside the call).
-        _in_threads(start, range(len(specs)), name="relocate")
-        begun = dict(sorted(begun.items()))
-        try:
-            at_once_ends = self._translated_ended_at_once(
-                [(task, specs[i]) for i, (_, task) in begun.items()], started, [cancels[i] for i in begun])
-        except DriverError:
-            at_once_ends = [None] * len(begun)  # follow each task on its own
-
-        def finish(i: int, at_once) -> None:
-            fact, task = begun[i]
-            try:
-                result: MigrationResult | BaseException = self._migrate_one(
-                    specs[i], fact, task, reporters[i], started=started, cancel=cancels[i], at_once=at_once)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                result = exc
-            ended(i, result)
-
-        following = []
-        for i, at_once in zip(begun, at_once_ends, strict=True):
-            if at_once is not None:
-                finish(i, at_once)
-            else:
-                following.append(i)
-        _in_threads(lambda i: finish(i, None), following, name="follow")
-        return [r if r is not None else MigrationFailed("the move ended without a result") for r in results]
-
-    @_translated(context="reading the moves")
-    def _translated_facts_many(self, specs: Sequence[MigrationSpec]) -> list:
-        facts = self._facts_many(specs)
-        return facts if facts is not None else [None] * len(specs)
-
-    @_translated(context="reading the started tasks")
-    def _translated_ended_at_once(self, started_tasks: list[tuple[Any, MigrationSpec]], started: float,
-                                  cancels: list[threading.Event]) -> list:
-        if not started_tasks:
-            return []
-        return self._run(lambda s: self._ended_at_once(s, started_tasks, started=started, cancels=cancels))
 
     _unsuccessful = staticmethod(unsuccessful)
 

@@ -1,7 +1,7 @@
-"""Services for the execution of a migration, by step: ``queueing`` (queue within admission control,
-re-send what the broker lost), ``execute`` (claim, check again, drive the driver, record progress
-and heartbeats), ``finish`` (the outcome with the placement read back), ``events`` (numbered
-progress events)."""
+"""Services for the execution of a migration, by step: ``queueing`` (queue within admission
+control, re-send what the broker lost), ``execute`` (claim, check again), ``drive`` (the driver's
+batch: progress, heartbeats, cancel and budget; each run finished as its move ends), ``finish``
+(the outcome with the placement read back), ``events`` (numbered progress events)."""
 
 from migrations_app.services.runs.events import append_run_event
 from migrations_app.services.runs.execute import _claim, migration_run_execute, migration_runs_execute
