@@ -209,3 +209,19 @@ def test_a_broken_run_errors_alone_and_its_batch_mates_move(datacenter, users, m
     assert VirtualMachine.objects.get(pk=vms[2].pk).host_id == statuses[fine.pk].request.target_host_id
     assert VirtualMachine.objects.get(pk=vms[0].pk).host_id == vms[0].host_id  # the broken ones did not move
     assert VirtualMachine.objects.get(pk=vms[1].pk).host_id == vms[1].host_id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_endpoint_lost_during_the_batch_preflight_fails_every_run_and_leaves_none_running(datacenter, users,
+                                                                                             monkeypatch):
+    from drivers.simulator import SimulatorDriver
+
+    def unreachable(self, specs):
+        raise drv.ConnectionFailed("cannot talk to the simulator: connection refused")
+
+    monkeypatch.setattr(SimulatorDriver, "preflight_many", unreachable)
+    runs = [approved_run(users["alice"], users["erin"], vm) for vm in _team_web_vms(datacenter, 2)]
+    migration_runs_execute(run_ids=[r.pk for r in runs], worker="w1")
+    for run in MigrationRun.objects.filter(pk__in=[r.pk for r in runs]).select_related("request"):
+        assert run.request.status == S.FAILED
+        assert "connection refused" in run.explanation

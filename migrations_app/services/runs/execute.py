@@ -40,7 +40,7 @@ from migrations_app.services.runs.queueing import admission_decision
 
 log = logging.getLogger(__name__)
 S = RequestStatus
-GiB = 1024**3
+
 
 def _wait(waiting: list[tuple[MigrationRun, str]]) -> None:
     """Leave queued runs in line, each with its reason (an event when the reason changed); their
@@ -263,9 +263,12 @@ def _preflight_at_start(runs: list[MigrationRun], driver: drv.Driver,
             asked.append(run)
     # One call for the batch; a driver answers about as fast as for one move (vCenter checks the
     # moves side by side), so the claim's heartbeat covers it as it covers a single run's.
-    answers = driver.preflight_many([specs[run.pk] for run in asked]) if asked else []
+    try:
+        answers = driver.preflight_many([specs[run.pk] for run in asked]) if asked else []
+    except Exception as exc:  # noqa: BLE001 - the endpoint unreachable, say: every move asked fails with it
+        answers = [exc] * len(asked)
     if len(answers) != len(asked):
-        raise drv.MigrationFailed(f"the driver answered {len(answers)} pre-flights for {len(asked)} moves")
+        answers = [RuntimeError(f"the driver answered {len(answers)} pre-flights for {len(asked)} moves")] * len(asked)
     for run, answer in zip(asked, answers, strict=True):
         if isinstance(answer, Exception):
             problems[run.pk] = answer
