@@ -119,3 +119,18 @@ def review_everything(request):
         request.getfixturevalue("browser")
     request.getfixturevalue("transactional_db" if "transactional_db" in request.fixturenames else "db")
     return install_policy(REVIEW_EVERYTHING)
+
+
+def approved_run(user, approver, vm, **kw):
+    """Submit a move of ``vm`` (compute within its cluster unless ``kind`` says otherwise) and
+    approve it; its queued run."""
+    from migrations_app.choices import MigrationKind
+    from migrations_app.models import MigrationRun
+    from migrations_app.services import requests as svc
+
+    kw.setdefault("kind", MigrationKind.COMPUTE)
+    if kw["kind"] != MigrationKind.STORAGE:
+        kw.setdefault("target_host", other_host_same_cluster(vm))
+    mr = svc.migration_request_submit(requester=user, vm=vm, reason="test", **kw)
+    svc.migration_request_approve(request=mr, actor=approver)
+    return MigrationRun.objects.get(request=mr)

@@ -11,23 +11,14 @@ import pytest
 from django.utils import timezone
 
 from drivers import base as drv
-from migrations_app.choices import AuditAction, MigrationKind, RequestStatus
+from migrations_app.choices import AuditAction, RequestStatus
 from migrations_app.models import AuditEntry, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.services import requests as svc
 from migrations_app.services.runs import migration_runs_execute
-from tests.conftest import other_host_same_cluster, running_vm
+from tests.conftest import approved_run, running_vm
 
 S = RequestStatus
 pytestmark = pytest.mark.usefixtures("review_everything")
-
-
-def approved_run(user, approver, vm, **kw) -> MigrationRun:
-    kw.setdefault("kind", MigrationKind.COMPUTE)
-    if kw["kind"] != MigrationKind.STORAGE:
-        kw.setdefault("target_host", other_host_same_cluster(vm))
-    mr = svc.migration_request_submit(requester=user, vm=vm, reason="test", **kw)
-    svc.migration_request_approve(request=mr, actor=approver)
-    return MigrationRun.objects.get(request=mr)
 
 
 def _in_thread(fn):

@@ -13,20 +13,11 @@ from migrations_app.models import AuditEntry, Datastore, MigrationRequest, Migra
 from migrations_app.services import requests as svc
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.runs import migration_run_execute, queueing
-from tests.conftest import other_host_same_cluster, running_vm
+from tests.conftest import approved_run, other_host_same_cluster, running_vm
 
 S = RequestStatus
 
 pytestmark = pytest.mark.usefixtures("review_everything")
-
-
-def approved_run(user, approver, vm, **kw) -> MigrationRun:
-    kw.setdefault("kind", MigrationKind.COMPUTE)
-    if kw["kind"] != MigrationKind.STORAGE:
-        kw.setdefault("target_host", other_host_same_cluster(vm))
-    mr = svc.migration_request_submit(requester=user, vm=vm, reason="test", **kw)
-    svc.migration_request_approve(request=mr, actor=approver)
-    return MigrationRun.objects.get(request=mr)
 
 
 @pytest.mark.django_db
