@@ -23,7 +23,9 @@ def _selected_vms(request, ids):
 
 
 def _context(form, vms, target_host=None) -> dict:
-    return {"form": form, "vms": vms, "host_choices": selectors.host_choices_many(vms),
+    blockers = selectors.live_move_blockers(vms)
+    return {"form": form, "vms": vms, "blockers": blockers, "vm_rows": [(vm, blockers.get(vm.pk, "")) for vm in vms],
+            "host_choices": selectors.host_choices_many(vms),
             "datastore_choices": selectors.datastore_choices_many(vms, target_host), "target_host": target_host}
 
 

@@ -225,6 +225,24 @@ def open_requests_for_vms(vm_ids) -> dict[int, MigrationRequest]:
     return {r.vm_id: r for r in rows.order_by("pk")}
 
 
+def live_move_blockers(vms) -> dict[int, str]:
+    """VM id -> why it cannot move live whatever the target (gone from the inventory, not
+    running, an open request already), for the many-VM Migrate page: shown before a target is
+    chosen. The submission checks all of it again, with the targets."""
+    vms = list(vms)
+    open_requests = open_requests_for_vms([vm.pk for vm in vms])
+    out = {}
+    for vm in vms:
+        existing = open_requests.get(vm.pk)
+        if not vm.present:
+            out[vm.pk] = "no longer in the hypervisor's inventory"
+        elif existing is not None:
+            out[vm.pk] = f"already has an open request (#{existing.pk}, {existing.get_status_display().lower()})"
+        elif vm.power_state != "on":
+            out[vm.pk] = f"{vm.get_power_state_display().lower()}; a live migration needs it running"
+    return out
+
+
 def run_events_after(run, seq: int, limit: int = 1000) -> list[RunEvent]:
     return list(RunEvent.objects.filter(run=run, seq__gt=seq).order_by("seq")[:limit])
 

@@ -99,3 +99,17 @@ def test_approve_selected_is_all_or_nothing_and_says_why(users, datacenter):
         S.QUEUED, S.PENDING_APPROVAL, S.PENDING_APPROVAL]
     # a requester may not use it at all
     assert client_for(users["alice"]).post("/requests/approve/", {"request": ids}).status_code == 403
+
+
+def test_the_form_says_before_any_target_which_selected_vms_cannot_move(users, datacenter):
+    vms, host = three_vms_and_a_common_host(datacenter)
+    off, busy, fine = vms
+    VirtualMachine.objects.filter(pk=off.pk).update(power_state="off")
+    alice = client_for(users["alice"])
+    assert alice.post("/vms/migrate/", form([busy], host)).status_code == 302  # busy now has an open request
+    number = MigrationRequest.objects.get(vm=busy).pk
+    html = alice.get("/vms/migrate/", {"vm": [vm.pk for vm in vms]}).content.decode()
+    rows = {vm.name: html.split(f"{vm.name}</td>", 1)[1].split("</tr>", 1)[0] for vm in vms}
+    assert "no: powered off; a live migration needs it running" in rows[off.name]
+    assert f"no: already has an open request (#{number}, pending approval)" in rows[busy.name]
+    assert "yes, to a valid target" in rows[fine.name]
