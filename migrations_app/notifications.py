@@ -187,7 +187,7 @@ def _record(users, category: str, *, about: dict, occasion: str, actor, subject:
             data: dict) -> list[int]:
     """One delivery per recipient (users, then the webhooks that want the category) about the
     request or plan in ``about``; the new pending ones are sent on commit."""
-    muted = {user.pk: muted_categories(user) for user in users}
+    muted = _muted_of({user.pk for user in users})
     hooks = list(Webhook.objects.filter(active=True))
     return _save_new(_deliveries(users, category, about=about, occasion=occasion, actor=actor, subject=subject,
                                  body=body, data=data, hooks=hooks, muted=muted))

@@ -91,13 +91,10 @@ MAX_BATCH = 200
 
 def _save_requests(requests: list[MigrationRequest], fields: list[str]) -> None:
     """Write these fields (and ``updated_at``) of many requests in one UPDATE."""
-    if len(requests) == 1:
-        requests[0].save(update_fields=[*fields, "updated_at"])
-    elif requests:
-        now = timezone.now()
-        for request in requests:
-            request.updated_at = now
-        update_objects(requests, [*fields, "updated_at"])
+    now = timezone.now()
+    for request in requests:
+        request.updated_at = now
+    update_objects(requests, [*fields, "updated_at"])
 
 
 def kind_for(target_host: Host | None, target_datastore: Datastore | None) -> str:

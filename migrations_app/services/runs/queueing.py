@@ -78,10 +78,7 @@ def migration_runs_enqueue(*, requests: list[MigrationRequest], actor) -> list[M
     for request in requests:
         set_status(request, S.QUEUED)
         request.updated_at = now
-    if len(requests) == 1:
-        requests[0].save(update_fields=["status", "updated_at"])
-    else:
-        update_objects(requests, ["status", "updated_at"])
+    update_objects(requests, ["status", "updated_at"])
     # The completion budgets read the VMs' disks: once for all.
     prefetch_related_objects([r.vm for r in requests if "disks" not in getattr(r.vm, "_prefetched_objects_cache", {})],
                              "disks")
