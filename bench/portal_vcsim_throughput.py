@@ -42,9 +42,9 @@ RELOCATE_DELAY_MS = int(os.environ.get("RELOCATE_DELAY_MS", "0"))
 SUBMIT_BATCH = int(os.environ.get("SUBMIT_BATCH", "20"))  # VMs per submitted form
 
 
-def _worker(broker, cpu_out) -> None:
+def _worker(broker, handled, cpu_out) -> None:
     """One worker process: run each message's runs (as the execute_run / execute_runs tasks do)
-    until told to stop; report the CPU it used."""
+    and say so on ``handled``, until told to stop; report the CPU it used."""
     from django.db import connection
 
     from migrations_app.services.runs import migration_runs_execute
@@ -53,6 +53,7 @@ def _worker(broker, cpu_out) -> None:
     try:
         while (run_ids := broker.get()) is not None:
             migration_runs_execute(run_ids=run_ids, worker=f"bench-{os.getpid()}")
+            handled.put(len(run_ids))
     finally:
         connection.close()
         cpu_out.put(time.process_time() - cpu)
@@ -177,15 +178,16 @@ def main() -> None:
         connection.close()
         registry.close_all()
         ctx = multiprocessing.get_context("fork")
-        children_cpu = ctx.Queue()
-        workers = [ctx.Process(target=_worker, args=(broker, children_cpu)) for _ in range(WORKERS)]
+        children_cpu, handled = ctx.Queue(), ctx.Queue()
+        workers = [ctx.Process(target=_worker, args=(broker, handled, children_cpu)) for _ in range(WORKERS)]
         started, cpu = time.perf_counter(), time.process_time()
         for worker in workers:
             worker.start()
         submit(vms)
         submitted_s, submit_cpu_s = time.perf_counter() - started, time.process_time() - cpu
+        # Every request ends in some worker's message: look again each time one was handled.
         while MigrationRequest.objects.exclude(status__in=TERMINAL).exists():
-            time.sleep(0.01)
+            handled.get(timeout=120)
         portal_s = time.perf_counter() - started
         for _ in workers:
             broker.put(None)
