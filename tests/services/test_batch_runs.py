@@ -39,11 +39,13 @@ def test_a_cancelled_run_keeps_heartbeating_while_its_driver_is_still_aborting(d
     has returned, the run heartbeats, so the reconciler never judges its live worker lost."""
     from drivers.simulator import SimulatorDriver
 
-    released = threading.Event()
+    moving, aborting, released = threading.Event(), threading.Event(), threading.Event()
 
     def slow_abort(self, spec, *, on_progress, cancel):
         on_progress(drv.ProgressUpdate(drv.Phase.MEMORY_PRECOPY, 5.0, task_id="sim-task-slow"))
+        moving.set()
         cancel.wait(20)
+        aborting.set()  # the worker saw the cancel at a heartbeat and asked for the abort
         released.wait(20)  # the hypervisor takes a while to end the aborted job; no progress meanwhile
         raise drv.MigrationCancelled("aborted")
 
@@ -51,13 +53,11 @@ def test_a_cancelled_run_keeps_heartbeating_while_its_driver_is_still_aborting(d
     vm = running_vm(datacenter)
     run = approved_run(users["alice"], users["erin"], vm)
     worker = _in_thread(lambda: migration_runs_execute(run_ids=[run.pk], worker="w1"))
-    deadline = time.monotonic() + 20
-    while MigrationRun.objects.get(pk=run.pk).task_id == "" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert moving.wait(20), "the move never started"
     svc.migration_request_cancel(request=run.request, actor=users["alice"], reason="stop")
-    time.sleep(0.6)  # the worker's next heartbeat sees cancelling and sets the cancel event
+    assert aborting.wait(20), "the worker never passed the cancel to the driver"
     before = MigrationRun.objects.get(pk=run.pk).heartbeat_at
-    time.sleep(1.5)  # ~7 heartbeats of 0.2 s
+    time.sleep(1.5)  # the window watched: ~7 heartbeats of 0.2 s while the abort goes on
     after = MigrationRun.objects.get(pk=run.pk).heartbeat_at
     age = (timezone.now() - after).total_seconds()
     released.set()

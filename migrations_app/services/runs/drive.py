@@ -183,6 +183,11 @@ def _flush(recorders: list[_ProgressRecorder], *, force: bool = False) -> None:
     if not new:
         return
     with transaction.atomic():
+        # Lock order everywhere: the requests, then their runs. The events update the runs and the
+        # audit entries refer to the requests (a key-share lock on each): without the requests
+        # locked first, a cancel (request, then run) and this flush (run, then request) deadlock.
+        list(MigrationRequest.objects.select_for_update(no_key=True).filter(
+            pk__in={item.run.request_id for item in new}).order_by("pk").values_list("pk", flat=True))
         append_run_events(new)
         # The audit appends last: they hold the chain's lock (every audited action waits on it) until commit.
         audit_append(audits)
