@@ -107,7 +107,9 @@
       }
     });
     subscribe(() => ({ action: "subscribe", stream: "request", id: requestId }));
-    document.body.addEventListener("htmx:afterSwap", attachRun);
+    // After settling: htmx puts back the swapped-in elements' own class and style attributes then,
+    // which would undo a bar width set any earlier.
+    document.body.addEventListener("htmx:afterSettle", attachRun);
     attachRun();
   }
 
@@ -192,7 +194,7 @@
     const body = document.body;
     sizeBars();
     migrateForm();
-    body.addEventListener("htmx:afterSwap", sizeBars);
+    body.addEventListener("htmx:afterSettle", sizeBars);  // settling resets style attributes
     keepSelection(body);
     if (body.dataset.live !== "on") return;
     connect();
