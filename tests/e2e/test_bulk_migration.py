@@ -5,7 +5,6 @@ runs succeed on the simulator."""
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
@@ -60,12 +59,15 @@ def test_select_three_vms_request_once_approve_selected_and_all_succeed(login, l
     bob.click("#approve-selected-button")
     bob.wait_for_selector("text=Approved: ")
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        statuses = list(MigrationRequest.objects.filter(pk__in=[r.pk for r in requests]).values_list("status",
-                                                                                                     flat=True))
-        if set(statuses) <= {"succeeded", "failed", "errored", "cancelled", "expired"}:
-            break
-        time.sleep(0.5)
+    # alice's list follows the requests live (websocket pushes re-render it): wait until all
+    # three rows show a final status.
+    ids = [r.pk for r in requests]
+    final = ["succeeded", "failed", "errored", "cancelled", "expired"]
+    alice.wait_for_function(
+        """([ids, final]) => ids.every((id) => {
+            const badge = document.querySelector(`tr[data-request-id="${id}"] .status`);
+            return badge && final.some((s) => badge.classList.contains("status-" + s));
+        })""", arg=[ids, final], timeout=120_000)
+    statuses = list(MigrationRequest.objects.filter(pk__in=ids).order_by("pk").values_list("status", flat=True))
     assert statuses == ["succeeded"] * 3, (statuses, live_portal["logs"]["worker"].read_text()[-2000:])
     assert set(VirtualMachine.objects.filter(pk__in=[vm.pk for vm in vms]).values_list("host", flat=True)) == {host.pk}
