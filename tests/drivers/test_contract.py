@@ -188,10 +188,16 @@ def test_cancel_aborts_and_the_vm_stays_on_the_source(harness):
     cancel = threading.Event()
     seen: list[ProgressUpdate] = []
     outcome: dict = {}
+    moving = threading.Event()
+
+    def report(update: ProgressUpdate) -> None:
+        seen.append(update)
+        if update.percent > 0:
+            moving.set()
 
     def run():
         try:
-            harness.driver.migrate(spec, on_progress=seen.append, cancel=cancel)
+            harness.driver.migrate(spec, on_progress=report, cancel=cancel)
         except MigrationCancelled as exc:
             outcome["cancelled"] = exc
         except DriverError as exc:  # pragma: no cover - reported by the assertion below
@@ -199,9 +205,7 @@ def test_cancel_aborts_and_the_vm_stays_on_the_source(harness):
 
     worker = threading.Thread(target=run)
     worker.start()
-    deadline = time.monotonic() + 60
-    while not any(u.percent > 0 for u in seen) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    moving.wait(60)
     assert seen, "the slow migration never reported progress"
     cancel.set()
     worker.join(30)
@@ -251,18 +255,22 @@ def test_a_running_task_aborted_by_id_from_elsewhere_ends_and_the_vm_stays(harne
     before = harness.independent_placement(spec.vm_ref)
     seen: list[ProgressUpdate] = []
     outcome: dict = {}
+    started = threading.Event()
+
+    def report(update: ProgressUpdate) -> None:
+        seen.append(update)
+        if update.task_id:
+            started.set()
 
     def run():
         try:
-            harness.driver.migrate(spec, on_progress=seen.append, cancel=threading.Event())
+            harness.driver.migrate(spec, on_progress=report, cancel=threading.Event())
         except DriverError as exc:
             outcome["error"] = exc
 
     worker = threading.Thread(target=run)
     worker.start()
-    deadline = time.monotonic() + 60
-    while not any(u.task_id for u in seen) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    started.wait(60)
     task_id = next(u.task_id for u in seen if u.task_id)
     info = harness.driver.cancel_task(task_id)
     worker.join(30)
