@@ -20,6 +20,12 @@ bottleneck. It also prints the database queries and SOAP round trips one move co
 when it is alone (measured on one move, through the one-move services, before the timed part).
 Django runs with DEBUG off, as deployed. Uses PostgreSQL (database $BENCH_DB, default
 portal_bench, recreated) as production does.
+
+The cost side: the CPU each program spends per move (the Python processes, PostgreSQL's backends
+of the benchmark's database, this vcsim; from /proc), how busy the machine was, the database
+queries a worker makes per move, and the ceiling that cost sets: the rate if every core ran the
+portal at its CPU per move. Options for looking closer: BENCH_PROFILE=DIR writes each worker's
+cProfile (CPU time) there; BENCH_NO_LIMITS=1 lifts admission control's limits (no run held back).
 """
 
 from __future__ import annotations
@@ -42,6 +48,54 @@ RELOCATE_DELAY_MS = int(os.environ.get("RELOCATE_DELAY_MS", "0"))
 SUBMIT_BATCH = int(os.environ.get("SUBMIT_BATCH", "20"))  # VMs per submitted form
 
 
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every process: PostgreSQL and vcsim included)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_per_pid() -> dict[int, float]:
+    """CPU seconds (user + system) each live process has used so far, from /proc."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        rest = text[text.rindex(")") + 2:].split()
+        out[int(stat.parent.name)] = (int(rest[11]) + int(rest[12])) / tick
+    return out
+
+
+def _vcsim_pids() -> set[int]:
+    """This benchmark's vcsim (started by running_vcsim in a vcsim-bench-* run directory)."""
+    pids = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args[0].endswith(b"/vcsim") and any(b"vcsim-bench-" in a for a in args):
+            pids.add(int(cmdline.parent.name))
+    return pids
+
+
+def _backend_pids() -> set[int]:
+    """The PostgreSQL backends serving the benchmark's database (its own connections only)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        return {pid for (pid,) in cursor.fetchall()}
+
+
+def _cpu_by_program(before: dict[int, float], pids: dict[str, set[int]]) -> dict[str, float]:
+    """CPU seconds each program's processes used since ``before`` (a process born since counts whole)."""
+    now = _cpu_per_pid()
+    return {name: sum(now.get(pid, 0.0) - before.get(pid, 0.0) for pid in group) for name, group in pids.items()}
+
+
 def _worker(broker, handled, cpu_out) -> None:
     """One worker process: run each message's runs (as the execute_run / execute_runs tasks do)
     and say so on ``handled``, until told to stop; report the CPU it used."""
@@ -49,14 +103,34 @@ def _worker(broker, handled, cpu_out) -> None:
 
     from migrations_app.services.runs import migration_runs_execute
 
+    profile = None
+    if os.environ.get("BENCH_PROFILE"):
+        import cProfile
+
+        profile = cProfile.Profile(time.process_time)
+        profile.enable()
     cpu = time.process_time()
+    counts = [0, 0.0]
+
+    def counted(execute, sql, params, many, context):
+        counts[0] += 1
+        t = time.perf_counter()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            counts[1] += time.perf_counter() - t
+
     try:
-        while (run_ids := broker.get()) is not None:
-            migration_runs_execute(run_ids=run_ids, worker=f"bench-{os.getpid()}")
-            handled.put(len(run_ids))
+        with connection.execute_wrapper(counted):
+            while (run_ids := broker.get()) is not None:
+                migration_runs_execute(run_ids=run_ids, worker=f"bench-{os.getpid()}")
+                handled.put(len(run_ids))
     finally:
         connection.close()
-        cpu_out.put(time.process_time() - cpu)
+        cpu_out.put((time.process_time() - cpu, *counts))
+        if profile:
+            profile.disable()
+            profile.dump_stats(f"{os.environ['BENCH_PROFILE']}/worker-{os.getpid()}.prof")
 
 
 def main() -> None:
@@ -90,6 +164,8 @@ def main() -> None:
         conn = HypervisorConnection(name="bench", kind="vcenter", url=f"https://{parts.hostname}:{parts.port}{parts.path}",
                                     username=parts.username, ca_bundle=ca, is_lab=not ca)
         conn.set_password(parts.password)
+        if os.environ.get("BENCH_NO_LIMITS"):
+            conn.options = {"admission": {"host_max": 10000, "network_max": 10000}}
         conn.save()
         inventory_sync(connection=conn)
         # Every move waits for one approver, so the portal path measures submit and approve (the
@@ -109,9 +185,11 @@ def main() -> None:
             view.Destroy()
             first = cluster.host[0]
             vm = next(v for v in first.vm if v.runtime.powerState == "poweredOn")
-            cpu = time.process_time()
+            cpu, busy, per_pid = time.process_time(), _machine_busy_s(), _cpu_per_pid()
             plain_s = plain_loop(vm, [first, cluster.host[1]], cluster.resourcePool, N)
-            plain_cpu_s = time.process_time() - cpu
+            plain_cpu_s, plain_busy_s = time.process_time() - cpu, _machine_busy_s() - busy
+            plain_programs = _cpu_by_program(per_pid, {"python": {os.getpid()}, "postgres": set(),
+                                                       "vcsim": _vcsim_pids()})
         finally:
             Disconnect(si)
         inventory_sync(connection=conn)  # the baseline moved one VM: start from the truth
@@ -180,7 +258,7 @@ def main() -> None:
         ctx = multiprocessing.get_context("fork")
         children_cpu, handled = ctx.Queue(), ctx.Queue()
         workers = [ctx.Process(target=_worker, args=(broker, handled, children_cpu)) for _ in range(WORKERS)]
-        started, cpu = time.perf_counter(), time.process_time()
+        started, cpu, busy, per_pid = time.perf_counter(), time.process_time(), _machine_busy_s(), _cpu_per_pid()
         for worker in workers:
             worker.start()
         submit(vms)
@@ -188,10 +266,14 @@ def main() -> None:
         # Every request ends in some worker's message: look again each time one was handled.
         while MigrationRequest.objects.exclude(status__in=TERMINAL).exists():
             handled.get(timeout=120)
-        portal_s = time.perf_counter() - started
+        portal_s, portal_busy_s = time.perf_counter() - started, _machine_busy_s() - busy
+        portal_programs = _cpu_by_program(per_pid, {"python": {os.getpid(), *(w.pid for w in workers)},
+                                                    "postgres": _backend_pids(), "vcsim": _vcsim_pids()})
         for _ in workers:
             broker.put(None)
-        execute_cpu_s = sum(children_cpu.get() for _ in workers)
+        reports = [children_cpu.get() for _ in workers]
+        execute_cpu_s = sum(r[0] for r in reports)
+        worker_queries, worker_query_s = sum(r[1] for r in reports), sum(r[2] for r in reports)
         for worker in workers:
             worker.join()
         done = MigrationRequest.objects.filter(status="succeeded").count() - 1  # the measured move
@@ -213,6 +295,21 @@ def main() -> None:
     print(f"CPU of the Python side per move (PostgreSQL and vcsim not counted): plain loop "
           f"{1000 * plain_cpu_s / N:.1f} ms; portal {1000 * (submit_cpu_s + execute_cpu_s) / moves:.1f} ms "
           f"(submit+approve {1000 * submit_cpu_s / moves:.1f}, execution {1000 * execute_cpu_s / moves:.1f})")
+    print(f"worker database queries per move: {worker_queries / moves:.1f} "
+          f"({1000 * worker_query_s / moves:.1f} ms of wall time in them)")
+    # The cost side: every program's CPU per move (the Python processes, PostgreSQL's backends of
+    # the benchmark's database, this vcsim), and the best rate that cost allows on this machine.
+    cores = os.cpu_count()
+    print("CPU per move, by program (its own processes only):")
+    for label, per, n in (("plain loop", plain_programs, N), ("portal", portal_programs, moves)):
+        total = sum(per.values())
+        print(f"  {label:10} {1000 * total / n:5.1f} ms = " + " + ".join(
+            f"{name} {1000 * per[name] / n:.1f}" for name in ("python", "postgres", "vcsim")))
+    portal_cost_s = sum(portal_programs.values()) / moves
+    print(f"machine busy (every process): plain loop {100 * plain_busy_s / plain_s / cores:.0f} % of {cores} cores, "
+          f"portal {100 * portal_busy_s / portal_s / cores:.0f} %")
+    print(f"ceiling: with all {cores} cores running the portal at its CPU per move, {cores / portal_cost_s:.0f} "
+          f"migrations/s, a ratio of {cores / portal_cost_s / (N / plain_s):.2f}")
 
 
 if __name__ == "__main__":
