@@ -27,6 +27,7 @@ class LibvirtDriver(MovesMixin, ProgressMixin, PlanningMixin, InventoryMixin, Dr
         | Capability.CANCEL
         | Capability.PROGRESS
         | Capability.TASK_LOOKUP
+        | Capability.TASK_ABORT
         | Capability.COMPUTE_COPIES_LOCAL_DISKS
     )
 

@@ -22,11 +22,20 @@ from drivers.base import (
     Phase,
     ProgressCallback,
     ProgressUpdate,
+    TaskInfo,
+    TaskState,
 )
 from drivers.libvirt import jobs, sdk
 from drivers.libvirt import xml as lxml
 from drivers.libvirt.planning import DiskMove, Plan
-from drivers.libvirt.progress import JobWatch, on_block_job, on_iteration, on_job_completed, on_lifecycle
+from drivers.libvirt.progress import (
+    ACTIVE_JOB_TYPES,
+    JobWatch,
+    on_block_job,
+    on_iteration,
+    on_job_completed,
+    on_lifecycle,
+)
 from drivers.libvirt.sdk import error_code, errors, translate
 
 log = logging.getLogger(__name__)
@@ -250,6 +259,52 @@ class MovesMixin:
             except sdk.libvirt.libvirtError as err:
                 log.warning("blockJobAbort(%s) failed: %s", move.dev, err.get_error_message())
         running.clear()
+
+    # A move another process started (its worker was lost) -------------------------------------
+    abort_wait_s = 30.0  # how long cancel_task waits for an aborted job to end
+
+    def cancel_task(self, task_id: str) -> TaskInfo:
+        """Abort a move by its task id, from any process (crash recovery: its worker is lost): the
+        migration job on the task's source host (``abortJob``), else the block copies of the VM's
+        disks without a pivot (the guest keeps its old disks). Waits up to ``abort_wait_s`` for the
+        job to end and returns the task's state then: CANCELLED when this call stopped it and the
+        VM is not where the task was moving it; a task that had already ended keeps its state."""
+        parts = task_id.split("/", 4)
+        if len(parts) != 5 or parts[0] not in self.hosts:
+            return TaskInfo(task_id, TaskState.UNKNOWN, "not a libvirt task id")
+        source, uuid = parts[0], parts[1]
+        try:
+            dom = self.conn(source).lookupByUUIDString(uuid)
+        except sdk.libvirt.libvirtError as err:
+            if error_code(err) != jobs.ERR_NO_DOMAIN:
+                raise translate(err, f"cannot look up the VM of task {task_id} on {source}", ConnectionFailed) from err
+            return self.task_info(task_id)  # no longer on its source: the move ended (see task_info)
+        aborted = self._abort_jobs(dom)
+        deadline = time.monotonic() + self.abort_wait_s
+        info = self.task_info(task_id)
+        while info.state == TaskState.RUNNING and time.monotonic() < deadline:
+            time.sleep(self.poll_interval)
+            info = self.task_info(task_id)
+        if aborted and info.state == TaskState.FAILED:
+            return TaskInfo(task_id, TaskState.CANCELLED, f"aborted; {info.message}")
+        return info
+
+    def _abort_jobs(self, dom: sdk.libvirt.virDomain) -> bool:
+        """Abort what runs on the domain: its migration job, or else its disks' block copies.
+        True when something was asked to stop."""
+        with errors("cannot read the jobs of the VM", ConnectionFailed):
+            if not dom.isActive():
+                return False
+            if dom.jobStats(0).get("type") in ACTIVE_JOB_TYPES:
+                self._abort(dom)
+                return True
+            copying = [d.dev for d in lxml.parse_domain(dom.XMLDesc(0)).disks if dom.blockJobInfo(d.dev, 0)]
+        for dev in copying:
+            try:
+                dom.blockJobAbort(dev, 0)  # no PIVOT: the guest keeps its old disk
+            except sdk.libvirt.libvirtError as err:
+                log.warning("blockJobAbort(%s) failed (the copy may have just ended): %s", dev, err.get_error_message())
+        return bool(copying)
 
     # Volumes ------------------------------------------------------------------------------------
     def _create_target_volumes(self, plan: Plan, conn: sdk.libvirt.virConnect) -> list[str]:

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from drivers.base import MigrationFailed, ProgressCallback
+from drivers.base import MigrationCancelled, MigrationFailed, ProgressCallback
 from drivers.libvirt import jobs, sdk
 from drivers.libvirt.sdk import errors
 
@@ -155,10 +155,17 @@ class ProgressMixin:
                     infos[move.dev] = dom.blockJobInfo(move.dev, 0)
             for move in running:
                 status = watch.block_status.get(move.dev, watch.block_status.get(move.source_path))
-                if (
-                    status in (sdk.libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED, sdk.libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED)
-                    or not infos[move.dev]
-                ):
+                if not infos[move.dev] and status is None:
+                    # The job is gone: its BLOCK_JOB_2 event (which says why) may trail the poll.
+                    watch.wake.wait(1.0)
+                    status = watch.block_status.get(move.dev, watch.block_status.get(move.source_path))
+                if status == sdk.libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED:
+                    # Aborted from outside this call: the portal's watchdog (cancel_task) or an admin.
+                    raise MigrationCancelled(
+                        f"the copy of {plan.vm.name}'s {move.dev} to {move.target_ds} was aborted on the host; "
+                        "it stays where it was"
+                    )
+                if status == sdk.libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED or not infos[move.dev]:
                     raise MigrationFailed(
                         f"the copy of {plan.vm.name}'s {move.dev} to {move.target_ds} stopped; it stays where it was"
                     )

@@ -44,6 +44,11 @@ class Harness:
     def _running_vms(self, inv: Inventory) -> list[VirtualMachine]:
         return [vm for vm in inv.vms if vm.power_state == PowerState.ON and not any(t.startswith("sim:") for t in vm.tags)]
 
+    def disks_can_follow(self, vm: VirtualMachine, host_ref: str, stores: dict) -> bool:
+        """Whether a compute move of ``vm`` to that host keeps every disk reachable: by default,
+        each of its datastores is mounted there too."""
+        return all(host_ref in stores[ds].host_refs for ds in vm.datastore_refs)
+
     def compute_spec(self) -> MigrationSpec:
         return self.compute_specs(1)[0]
 
@@ -61,7 +66,7 @@ class Harness:
                     and host.cluster_ref == source.cluster_ref
                     and host.connected
                     and not host.maintenance
-                    and all(host.ref in stores[ds].host_refs for ds in vm.datastore_refs)
+                    and self.disks_can_follow(vm, host.ref, stores)
                 ):
                     specs.append(MigrationSpec(vm.ref, target_host_ref=host.ref))
                     break

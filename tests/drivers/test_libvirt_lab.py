@@ -189,6 +189,32 @@ def test_cancel_during_a_block_copy_keeps_the_old_disk(lab):
     assert not lab.volume_exists(before.host_ref, new_path), "the cancelled copy's volume was left behind"
 
 
+def test_a_block_copy_aborted_by_task_id_from_elsewhere_ends_cancelled_and_keeps_the_old_disk(lab):
+    # Crash recovery's abort (cancel_task) of a storage move whose worker is lost, here while the
+    # move's own call still runs in this process: both ends must agree it was cancelled.
+    vm = lab.vm_named("db-1")
+    before = lab.independent_placement(vm.ref)
+    (source_ds,) = before.datastore_refs
+    pool = next(ref for ref in pools_of(lab, before.host_ref) if ref != source_ds)
+    spec = MigrationSpec(vm.ref, target_datastore_ref=pool, bandwidth_bytes_per_s=1024**2)
+
+    worker, seen, outcome = migrate_in_background(lab, spec, threading.Event())
+    wait_until(lambda: any(u.phase == Phase.DISK_COPY and u.percent > 0 for u in seen))
+    task_id = next(u.task_id for u in seen if u.task_id)
+    info = lab.driver.cancel_task(task_id)
+    worker.join(30)
+
+    assert not worker.is_alive(), "the move did not stop after its copy was aborted"
+    assert info.state == TaskState.CANCELLED, info
+    assert isinstance(outcome.get("error"), MigrationCancelled), outcome
+    assert lab.independent_placement(vm.ref) == before
+    assert lab.guest_alive(vm.ref)
+    new_path = vm.disks[0].path.replace(f"/{source_ds.rsplit('/', 1)[1]}/", f"/{pool.rsplit('/', 1)[1]}/")
+    assert not lab.volume_exists(before.host_ref, new_path), "the aborted copy's volume was left behind"
+    # Asked again, nothing runs to abort: the task stays ended, not where it was moving the VM.
+    assert lab.driver.cancel_task(task_id).state in (TaskState.CANCELLED, TaskState.FAILED)
+
+
 def test_a_guest_that_never_converges_times_out_and_stays_on_the_source(lab):
     vm = next(v for v in lab.driver.inventory().vms if "lab:never-converge" in v.tags)
     before = lab.independent_placement(vm.ref)
