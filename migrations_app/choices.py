@@ -55,7 +55,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.APPROVED: frozenset({S.QUEUED, S.CANCELLED, S.EXPIRED}),
     # Queued -> expired: its change window closed while it waited for a worker or a free slot.
     S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.ERRORED, S.FAILED, S.EXPIRED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.ERRORED, S.CANCELLING, S.CANCELLED}),
+    # Running -> queued: only the reconciler, for a run whose worker was lost before it handed the
+    # move to the hypervisor (``MigrationRun.handed_at`` empty): nothing moved, it goes back in line.
+    S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.ERRORED, S.CANCELLING, S.CANCELLED}),
     S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED, S.ERRORED}),
 }
 
@@ -120,6 +122,7 @@ class AuditAction(models.TextChoices):
     RUN_ERRORED = "run.errored", "Run errored"
     RUN_CANCELLED = "run.cancelled", "Run cancelled"
     RUN_RECONCILED = "run.reconciled", "Run reconciled after a lost worker"
+    RUN_REQUEUED = "run.requeued", "Run back in line: worker lost before the move started, nothing was moved"
     INVENTORY_SYNCED = "inventory.synced", "Inventory synced"
     INVENTORY_SYNC_FAILED = "inventory.sync_failed", "Inventory sync failed"
     ACCESS_DENIED = "access.denied", "Access denied"

@@ -169,6 +169,9 @@ PORTAL = {
     # together, see services.runs.execute). Runs queued in one transaction (a batch approval, a
     # move plan) and runs sent again together travel in such batches; 1 sends one run a message.
     "WORKER_BATCH": max(1, int(os.environ.get("PORTAL_WORKER_BATCH", "16"))),
+    # A run whose worker was lost before it handed the move to the hypervisor goes back in line
+    # (nothing moved) at most this many times; lost once more, it fails with that reason.
+    "MAX_REQUEUES": int(os.environ.get("PORTAL_MAX_REQUEUES", "3")),
     # A queued run whose broker message may be lost is sent again after this many seconds.
     "REDISPATCH_AFTER_S": float(os.environ.get("PORTAL_REDISPATCH_AFTER_S", "300")),
     # Past a move's budget by this much: a live worker aborts a move its driver did not stop, and

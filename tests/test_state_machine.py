@@ -26,6 +26,7 @@ ALLOWED = {
     (S.QUEUED, S.EXPIRED),
     (S.RUNNING, S.SUCCEEDED), (S.RUNNING, S.FAILED), (S.RUNNING, S.ERRORED), (S.RUNNING, S.CANCELLING),
     (S.RUNNING, S.CANCELLED),
+    (S.RUNNING, S.QUEUED),  # only the reconciler: its worker was lost before the move was handed over
     (S.CANCELLING, S.CANCELLED), (S.CANCELLING, S.SUCCEEDED), (S.CANCELLING, S.FAILED), (S.CANCELLING, S.ERRORED),
 }
 

@@ -11,7 +11,10 @@ class MigrationRun(models.Model):
     """The execution record of a request (the request is not the run).
 
     Written by the worker through ``services.runs``; ``heartbeat_at`` proves a worker still owns it,
-    ``task_id`` is the hypervisor's own task, ``worker_task_id`` the queue's message id.
+    ``task_id`` is the hypervisor's own task, ``worker_task_id`` the queue's message id (replaced
+    each time the run is put back in line, so it names one claim). ``handed_at`` is committed
+    before the driver is asked to move anything: while it is empty, the hypervisor was never
+    asked, and a run whose worker was lost is put back in line (``requeues`` counts how often).
     ``last_seq`` is the number of the newest ``RunEvent``.
     """
 
@@ -32,6 +35,10 @@ class MigrationRun(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True, help_text="Last time it was handed to the queue.")
     wait_reason = models.CharField(max_length=300, blank=True, help_text="Why admission control holds it back.")
     started_at = models.DateTimeField(null=True, blank=True)
+    handed_at = models.DateTimeField(null=True, blank=True,
+                                     help_text="When it was handed to the hypervisor; empty: the driver was never asked.")
+    requeues = models.PositiveSmallIntegerField(
+        default=0, help_text="Times it was put back in line because its worker was lost before the move started.")
     finished_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     downtime_ms = models.FloatField(null=True, blank=True)

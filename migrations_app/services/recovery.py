@@ -1,10 +1,18 @@
-"""Crash recovery and the watchdog: runs whose worker stopped heartbeating are settled with the
-hypervisor's truth.
+"""Crash recovery and the watchdog: runs whose worker stopped heartbeating are put back in line
+when the hypervisor was never asked to move them, else settled with the hypervisor's truth.
 
 A run is *stale* when it is running (or cancelling) and its heartbeat is older than the threshold.
-The reconciler asks the driver what became of the run's hypervisor task (the stored task id, or,
-when the worker died before storing it, the migration tasks the hypervisor started on the VM since
-the claim) and where the VM is now, then applies ``watchdog.decide``:
+
+A stale run never handed to the hypervisor (``handed_at`` empty: the worker's start gate commits
+it before the driver is called) provably moved nothing, so the hypervisor is not asked: a running
+one goes back in line (queued, its claim's fields cleared, a fresh ``worker_task_id``, sent to the
+workers on commit), up to ``PORTAL["MAX_REQUEUES"]`` times, then fails with that reason; a
+cancelling one is cancelled. A killed worker's whole batch is handled so in one transaction.
+
+For a stale run that was handed over, the reconciler asks the driver what became of the run's
+hypervisor task (the stored task id, or, when the worker died before storing it, the migration
+tasks the hypervisor started on the VM since the claim) and where the VM is now, then applies
+``watchdog.decide``:
 
 - the task still runs: the run is adopted (heartbeat renewed, asked again at the next pass), unless
   it is past its completion budget or a cancel was asked: then the task is aborted on the
@@ -12,14 +20,19 @@ the claim) and where the VM is now, then applies ``watchdog.decide``:
 - the task succeeded, or the VM already sits on its target: succeeded, with the read-back placement;
 - otherwise failed (or cancelled when a cancel was asked), with the reason; the VM did not move.
 
-It never starts a migration: a run that died is settled, not retried. The only way into a
-hypervisor start is ``runs._claim`` (queued -> running under row locks, once) followed by the
-driver call, so a run is started at most once by construction.
+It never starts a migration, and never retries one the hypervisor may have seen. The only way
+into a hypervisor start is ``runs._claim`` (queued -> running under row locks) followed by the
+start gate, which marks the run handed (``handed_at``, only from empty, never cleared) under the
+same locks before the driver call, and only while the run is still its claim's (the
+``worker_task_id`` a requeue replaces). A run is put back in line only while ``handed_at`` is
+empty, checked under those locks: so whichever of the gate and the requeue takes the locks first,
+the other backs off, and a run is handed to a driver at most once by construction.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import replace
 from datetime import timedelta
 
@@ -29,10 +42,19 @@ from django.utils import timezone
 
 from drivers import base as drv
 from migrations_app import watchdog
-from migrations_app.choices import AuditAction, RequestStatus
+from migrations_app.bulk import update_objects
+from migrations_app.choices import AuditAction, Phase, RequestStatus
 from migrations_app.models import MigrationRequest, MigrationRun
-from migrations_app.services.audit import audit_record
-from migrations_app.services.runs import _Outcome, append_run_event, migration_run_finish
+from migrations_app.services.audit import audit_append, audit_entry, audit_record
+from migrations_app.services.requests import MAX_BATCH, notify_requests_changed, set_status
+from migrations_app.services.runs import (
+    _Outcome,
+    append_run_event,
+    dispatch_many,
+    migration_run_finish,
+    migration_runs_finish,
+)
+from migrations_app.services.runs.events import NewEvent, append_run_events
 
 log = logging.getLogger(__name__)
 S = RequestStatus
@@ -59,19 +81,95 @@ def _where(run: MigrationRun, placement: drv.Placement | None) -> watchdog.Where
 
 
 def migration_run_reconcile_stale(*, stale_after_s: float | None = None, now=None) -> dict[str, int]:
-    """Settle (or adopt, or abort) every run whose worker went silent. Returns counts per verdict."""
+    """Put back in line every run whose worker went silent before handing it to the hypervisor,
+    and settle (or adopt, or abort) every other run whose worker went silent. Returns counts per
+    verdict."""
     stale_after_s = stale_after_s or settings.PORTAL["STALE_AFTER_S"]
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=stale_after_s)
-    stale_ids = list(MigrationRun.objects.filter(
-        request__status__in=[S.RUNNING, S.CANCELLING], heartbeat_at__lt=cutoff).values_list("pk", flat=True))
-    counts = {"adopted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "errored": 0,
+    stale = list(MigrationRun.objects.filter(
+        request__status__in=[S.RUNNING, S.CANCELLING], heartbeat_at__lt=cutoff).order_by("pk").values_list(
+        "pk", "handed_at"))
+    counts = {"requeued": 0, "adopted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "errored": 0,
               "unreachable": 0}
-    for run_id in stale_ids:
+    never_handed = [pk for pk, handed_at in stale if handed_at is None]
+    for start in range(0, len(never_handed), MAX_BATCH):
+        for outcome, count in _reconcile_never_handed(never_handed[start:start + MAX_BATCH], cutoff, now).items():
+            counts[outcome] += count
+    for run_id in [pk for pk, handed_at in stale if handed_at is not None]:
         outcome = _reconcile(run_id, cutoff, now)
         if outcome:
             counts[outcome] += 1
     return counts
+
+
+# The words of a requeue: its run event, its audit entry, the reconciliation of a run not requeued.
+LOST_BEFORE_THE_MOVE = "worker lost before the move started; nothing was moved"
+REQUEUED = f"{LOST_BEFORE_THE_MOVE}; back in line"
+
+
+def _reconcile_never_handed(run_ids: list[int], cutoff, now) -> dict[str, int]:
+    """Stale runs the hypervisor was never asked to move, in one transaction (a killed worker's
+    batch goes back in line together, and reaches the workers in batches again). Under the rows'
+    locks (the requests, then their runs), each must still be active, stale and never handed (the
+    worker's start gate did not win the locks first): a running one is put back in line, unless it
+    already was ``MAX_REQUEUES`` times (failed, nothing moved); a cancelling one is cancelled."""
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0}
+    limit = settings.PORTAL["MAX_REQUEUES"]
+    with transaction.atomic():
+        requests = {r.pk: r for r in MigrationRequest.objects.select_for_update(of=("self",)).select_related(
+            "vm", "requester").filter(run__pk__in=run_ids).order_by("pk")}
+        runs = list(MigrationRun.objects.select_for_update(of=("self",)).filter(pk__in=run_ids).order_by("pk"))
+        back, ended = [], []
+        for run in runs:
+            request = run.request = requests[run.request_id]
+            if (request.status not in (S.RUNNING, S.CANCELLING) or run.handed_at is not None
+                    or run.heartbeat_at is None or run.heartbeat_at >= cutoff):
+                continue  # settled, handed or renewed meanwhile: its worker, or the next pass, sees to it
+            if request.status == S.CANCELLING:
+                ended.append((run, _Outcome(error=drv.MigrationCancelled(
+                    "Cancelled; its worker was lost before the move started, so nothing was moved."))))
+                counts["cancelled"] += 1
+            elif run.requeues >= limit:
+                ended.append((run, _Outcome(error=drv.MigrationFailed(
+                    f"Its worker was lost before the move started {run.requeues + 1} times; nothing was moved, "
+                    "and it is not put back in line again."))))
+                counts["failed"] += 1
+            else:
+                back.append(run)
+        _requeue(back, now)
+        counts["requeued"] = len(back)
+        # Nested: the same locks, already held; audits the reconciliation with each outcome.
+        migration_runs_finish(ended, reconciled_by=LOST_BEFORE_THE_MOVE)
+    return counts
+
+
+def _requeue(runs: list[MigrationRun], now) -> None:
+    """Put these locked, never-handed runs back in line: their requests queued, their claims'
+    fields cleared and a fresh ``worker_task_id`` (the old claim's worker, if only slow, finds its
+    claim gone at its start gate), a numbered event and an audit entry each, the pages told, and
+    the runs sent to the workers on commit (the claim decides admission again)."""
+    if not runs:
+        return
+    requests = [run.request for run in runs]
+    lost = {run.pk: run.worker for run in runs}
+    for run in runs:
+        set_status(run.request, S.QUEUED)
+        run.request.updated_at = now
+        run.worker, run.started_at, run.heartbeat_at, run.phase, run.wait_reason = "", None, None, Phase.WAITING, ""
+        run.worker_task_id, run.dispatched_at, run.requeues = str(uuid.uuid4()), now, run.requeues + 1
+    update_objects(requests, ["status", "updated_at"])
+    update_objects(runs, ["worker", "started_at", "heartbeat_at", "phase", "wait_reason", "worker_task_id",
+                          "dispatched_at", "requeues"])
+    append_run_events([NewEvent(run, S.QUEUED, REQUEUED) for run in runs])
+    # The audit append last: it holds the chain's lock (every audited action waits on it) until commit.
+    audit_append([audit_entry(actor=None, action=AuditAction.RUN_REQUEUED, request=run.request,
+                              object_type="migration_run", object_id=str(run.pk), reason=REQUEUED,
+                              data={"worker": lost[run.pk], "requeues": run.requeues}) for run in runs])
+    notify_requests_changed(requests)
+    sent = [(run.pk, run.request.vm.connection_id, run.worker_task_id) for run in runs]
+    # robust: a broker outage must not undo the requeue; the scheduler re-dispatches queued runs.
+    transaction.on_commit(lambda: dispatch_many(sent), robust=True)
 
 
 def _find_task(run: MigrationRun, driver: drv.Driver) -> drv.TaskInfo | None:

@@ -216,3 +216,52 @@ def test_an_endpoint_lost_during_the_batch_preflight_fails_every_run_and_leaves_
     for run in MigrationRun.objects.filter(pk__in=[r.pk for r in runs]).select_related("request"):
         assert run.request.status == S.FAILED
         assert "connection refused" in run.explanation
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_put_back_in_line_while_its_worker_hung_in_preflight_is_moved_once_by_the_next_worker(
+        datacenter, users, monkeypatch):
+    """Committed transactions and real threads: the first worker hangs in its batch pre-flight, is
+    judged lost, its runs go back in line together and a second worker moves them; when the first
+    wakes up, its start gate finds its claims gone and starts nothing."""
+    from datetime import timedelta
+
+    from drivers.simulator import SimulatorDriver
+    from migrations_app.services.recovery import migration_run_reconcile_stale
+
+    real_pf, real_mig = SimulatorDriver.preflight_many, SimulatorDriver.migrate
+    hung, wake = threading.Event(), threading.Event()
+    moves = []
+
+    def preflight_many(self, specs):
+        if not hung.is_set():
+            hung.set()
+            wake.wait(20)  # the first worker: stuck talking to the hypervisor
+        return real_pf(self, specs)
+
+    def migrate(self, spec, *, on_progress, cancel):
+        moves.append(spec.vm_ref)
+        return real_mig(self, spec, on_progress=on_progress, cancel=cancel)
+
+    monkeypatch.setattr(SimulatorDriver, "preflight_many", preflight_many)
+    monkeypatch.setattr(SimulatorDriver, "migrate", migrate)
+    vms = _team_web_vms(datacenter, 2)
+    runs = [approved_run(users["alice"], users["erin"], vm) for vm in vms]
+    ids = [r.pk for r in runs]
+    first = _in_thread(lambda: migration_runs_execute(run_ids=ids, worker="w1"))
+    assert hung.wait(20)
+    MigrationRun.objects.filter(pk__in=ids).update(heartbeat_at=timezone.now() - timedelta(minutes=10))
+    assert migration_run_reconcile_stale(stale_after_s=60)["requeued"] == 2
+    assert {MigrationRequest.objects.get(pk=r.request_id).status for r in runs} == {S.QUEUED}
+    migration_runs_execute(run_ids=ids, worker="w2")
+    wake.set()
+    first.join(30)
+    assert not first.is_alive()
+    assert sorted(moves) == sorted(vm.ref for vm in vms)  # each VM moved, once
+    for r in runs:
+        request = MigrationRequest.objects.get(pk=r.request_id)
+        assert request.status == S.SUCCEEDED
+        actions = list(AuditEntry.objects.filter(request=request).order_by("pk").values_list("action", flat=True))
+        assert actions.count(AuditAction.RUN_REQUEUED) == 1 and actions.count(AuditAction.RUN_STARTED) == 2
+        assert actions.count(AuditAction.RUN_SUCCEEDED) == 1 and AuditAction.RUN_FAILED not in actions
+    assert set(MigrationRun.objects.filter(pk__in=ids).values_list("worker", flat=True)) == {"w2"}

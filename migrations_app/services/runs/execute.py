@@ -1,8 +1,12 @@
 """Execution of queued runs: claim them, check them again, hand them to ``drive``, finish those that cannot start.
 
 A migration is not idempotent, so correctness never rests on the broker: the worker task is acked
-early, a run is claimed in the database (``select_for_update``, only from ``queued``), and a running
-run proves it is alive by its heartbeat (``drive``).
+early, a run is claimed in the database (``select_for_update``, only from ``queued``), a running
+run proves it is alive by its heartbeat (``drive``), and the start gate marks it handed
+(``handed_at``, committed) before the driver is asked to move it. A claim is the run's
+``worker_task_id`` at the claim: the reconciler replaces it when it puts back in line a run whose
+worker was lost before the gate, so a slow worker never starts, nor finishes, a run that is no
+longer its own.
 
 A worker executes a batch of runs at once (one message names several runs of one connection; a
 single run is a batch of one): they are claimed in one transaction, checked with one call to the
@@ -23,7 +27,6 @@ from drivers import base as drv
 from migrations_app import notifications, windows
 from migrations_app.bulk import update_objects
 from migrations_app.choices import (
-    TERMINAL,
     AuditAction,
     NotificationCategory,
     Phase,
@@ -33,7 +36,7 @@ from migrations_app.models import HypervisorConnection, MigrationRequest, Migrat
 from migrations_app.services.audit import audit_append, audit_entry
 from migrations_app.services.errors import ActionRefused
 from migrations_app.services.requests import expire_locked, notify_requests_changed, set_status
-from migrations_app.services.runs.drive import _drive, _heartbeat
+from migrations_app.services.runs.drive import _drive
 from migrations_app.services.runs.events import NewEvent, append_run_events
 from migrations_app.services.runs.finish import _Outcome, migration_runs_finish
 from migrations_app.services.runs.queueing import admission_decision
@@ -168,15 +171,18 @@ def migration_runs_execute(*, run_ids: list[int], worker: str) -> None:
     for ids in groups.values():
         claimed = _claim_many(ids, worker)
         if claimed:
+            # The claims as they were taken (the reload below reads whatever the rows hold now).
+            claims = {run.pk: run.worker_task_id for run in claimed}
             _execute(list(MigrationRun.objects.select_related(
                 "request__vm__connection", "request__vm__host__cluster", "request__target_host__cluster",
                 "request__target_datastore", "request__requester",
-            ).prefetch_related("request__vm__disks").filter(pk__in=[run.pk for run in claimed]).order_by("pk")))
+            ).prefetch_related("request__vm__disks").filter(pk__in=list(claims)).order_by("pk")), claims=claims)
 
 
-def _execute(runs: list[MigrationRun]) -> None:
+def _execute(runs: list[MigrationRun], *, claims: dict[int, str]) -> None:
     """Check, start and drive claimed runs of one connection; a run that cannot start is finished
-    at once, and each moving run when its move ends. A run settled meanwhile is left alone."""
+    at once, and each moving run when its move ends. A run settled meanwhile, or put back in line
+    (``claims``: run id -> its worker_task_id at the claim), is left alone."""
     from migrations_app.services.inventory import driver_for
 
     outcomes = {run.pk: _Outcome() for run in runs}
@@ -185,12 +191,12 @@ def _execute(runs: list[MigrationRun]) -> None:
     except drv.DriverError as exc:
         for outcome in outcomes.values():
             outcome.error = exc
-        migration_runs_finish([(run, outcomes[run.pk]) for run in runs])
+        migration_runs_finish([(run, outcomes[run.pk]) for run in runs], claims=claims)
         return
     except (ValueError, LookupError) as exc:  # broken configuration: our side
         for outcome in outcomes.values():
             outcome.error, outcome.traceback = exc, traceback.format_exc()
-        migration_runs_finish([(run, outcomes[run.pk]) for run in runs])
+        migration_runs_finish([(run, outcomes[run.pk]) for run in runs], claims=claims)
         return
     specs: dict[int, drv.MigrationSpec] = {}
     for run in runs:
@@ -213,30 +219,69 @@ def _execute(runs: list[MigrationRun]) -> None:
                                                 "Nothing was moved.")
         else:
             ready.append(run)
-    statuses = _start_gate(ready)
-    to_drive = []
+    to_drive, refused = _start_gate(ready, claims)
     for run in ready:
-        status = statuses.get(run.pk)
-        if status in TERMINAL or status is None:
+        if run.pk not in refused:
+            continue
+        status = refused[run.pk]
+        if status == S.CANCELLING:
+            outcomes[run.pk].error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
+        elif status == NOT_MINE:
+            log.warning("run %s was put back in line while its worker prepared it; not starting it", run.pk)
+            outcomes.pop(run.pk)
+        else:
             log.warning("run %s was settled (%s) while its worker prepared it; not starting it", run.pk, status)
             outcomes.pop(run.pk)
-        elif status == S.CANCELLING:
-            outcomes[run.pk].error = drv.MigrationCancelled("Cancelled before the move started; nothing was moved.")
-        else:
-            to_drive.append(run)
     driving = {run.pk for run in to_drive}
-    migration_runs_finish([(run, outcomes[run.pk]) for run in runs if run.pk in outcomes and run.pk not in driving])
+    migration_runs_finish([(run, outcomes[run.pk]) for run in runs if run.pk in outcomes and run.pk not in driving],
+                          claims=claims)
     if to_drive:
         _drive(to_drive, driver, specs, outcomes)
 
 
-def _start_gate(runs: list[MigrationRun]) -> dict[int, str]:
-    """Last look before the hypervisor is asked to move anything: renew the heartbeats and return
-    each request's status. A run the reconciler settled meanwhile (this worker was judged lost) or
-    one cancelled during pre-flight is never started. With the heartbeat renewed here, the
-    reconciler can only judge this worker lost if starting the task takes longer than
-    STALE_AFTER_S, which the setting's rule (above the driver's request timeout) excludes."""
-    return _heartbeat(runs)
+# What the start gate says of a run that is no longer this worker's claim (put back in line).
+NOT_MINE = "not this worker's claim"
+
+
+def _start_gate(runs: list[MigrationRun], claims: dict[int, str]) -> tuple[list[MigrationRun], dict[int, str]]:
+    """Last look before the hypervisor is asked to move anything, under the rows' locks (the
+    requests, then their runs): a run still this worker's claim (its ``worker_task_id`` unchanged,
+    so never put back in line since), still running and never handed is marked handed
+    (``handed_at``) with its heartbeat renewed, and that commits before the caller calls the
+    driver. Returns the runs to move, and why each other one is not: its request's status
+    (``cancelling``: cancelled during pre-flight, this worker ends it; a final status: settled
+    elsewhere) or ``NOT_MINE`` (the reconciler put it back in line; it may be another claim's now).
+
+    ``handed_at`` is set only here, only from empty, and never cleared, and the reconciler puts
+    back in line only runs whose ``handed_at`` it finds empty under the same locks: so each run is
+    handed to a driver at most once, and never after it went back in line. With the heartbeat
+    renewed here, the reconciler can only judge a handed run's worker lost if starting the task
+    takes longer than STALE_AFTER_S, which the setting's rule (above the driver's request timeout)
+    excludes."""
+    if not runs:
+        return [], {}
+    now = timezone.now()
+    with transaction.atomic():
+        statuses = dict(MigrationRequest.objects.select_for_update(no_key=True).filter(
+            pk__in=[run.request_id for run in runs]).order_by("pk").values_list("pk", "status"))
+        rows = {pk: (task, handed_at) for pk, task, handed_at in MigrationRun.objects.select_for_update(no_key=True)
+                .filter(pk__in=[run.pk for run in runs]).order_by("pk").values_list("pk", "worker_task_id", "handed_at")}
+        handed, refused = [], {}
+        for run in runs:
+            task, handed_at = rows.get(run.pk, (None, None))
+            status = statuses.get(run.request_id)
+            if task is None or status is None:
+                refused[run.pk] = "gone"
+            elif task != claims.get(run.pk) or handed_at is not None:
+                refused[run.pk] = NOT_MINE
+            elif status != S.RUNNING:
+                refused[run.pk] = status
+            else:
+                run.handed_at = run.heartbeat_at = now
+                handed.append(run)
+        if handed:
+            MigrationRun.objects.filter(pk__in=[run.pk for run in handed]).update(handed_at=now, heartbeat_at=now)
+    return handed, refused
 
 
 def _preflight_at_start(runs: list[MigrationRun], driver: drv.Driver,

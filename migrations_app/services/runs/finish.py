@@ -103,10 +103,13 @@ def migration_run_finish(*, run: MigrationRun, outcome: _Outcome, reconciled_by:
     return bool(migration_runs_finish([(run, outcome)], reconciled_by=reconciled_by))
 
 
-def migration_runs_finish(items: list[tuple[MigrationRun, _Outcome]], *, reconciled_by: str = "") -> list[int]:
+def migration_runs_finish(items: list[tuple[MigrationRun, _Outcome]], *, reconciled_by: str = "",
+                          claims: dict[int, str] | None = None) -> list[int]:
     """``migration_run_finish`` for a batch of runs, in one transaction: each run gets its own
     outcome, placement, event, audit entry and notification. Returns the ids of the runs settled
-    now (a run settled meanwhile keeps its first outcome and is left out)."""
+    now (a run settled meanwhile keeps its first outcome and is left out). ``claims`` (run id ->
+    its worker_task_id at the claim), from the worker that claimed them: a run put back in line
+    since (and maybe claimed again by another worker) is not this worker's to finish, and is left out."""
     if not items:
         return []
     outcomes = {run.pk: outcome for run, outcome in items}
@@ -122,6 +125,10 @@ def migration_runs_finish(items: list[tuple[MigrationRun, _Outcome]], *, reconci
             if request.status not in (S.RUNNING, S.CANCELLING):
                 # Settled meanwhile (the reconciler judged the worker lost): the first outcome stands.
                 log.warning("run %s is already %s; outcome %r not recorded", run.pk, request.status, outcomes[run.pk])
+                continue
+            if claims is not None and run.worker_task_id != claims.get(run.pk):
+                log.warning("run %s was put back in line since this worker claimed it; outcome %r not recorded",
+                            run.pk, outcomes[run.pk])
                 continue
             run.request = request
             runs.append(run)
