@@ -187,7 +187,8 @@ class MigrationRequestAdmin(ReadOnlyAdmin):
 
 @admin.register(MigrationRun)
 class MigrationRunAdmin(ReadOnlyAdmin):
-    list_display = ("id", "request", "phase", "percent", "task_id", "worker", "heartbeat_at", "finished_at")
+    list_display = ("id", "request", "phase", "percent", "task_id", "worker", "heartbeat_at", "handed_at", "requeues",
+                    "finished_at")
 
 
 @admin.register(AuditEntry)

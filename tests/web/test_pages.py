@@ -10,9 +10,17 @@ import pytest
 from django.test import Client
 
 from migrations_app.choices import RequestStatus
-from migrations_app.models import AuditEntry, Datastore, Host, HypervisorConnection, MigrationRequest, VirtualMachine
+from migrations_app.models import (
+    AuditEntry,
+    Datastore,
+    Host,
+    HypervisorConnection,
+    MigrationRequest,
+    MigrationRun,
+    VirtualMachine,
+)
 from migrations_app.services import requests as svc
-from tests.conftest import client_for, other_cluster_host, other_host_same_cluster, running_vm
+from tests.conftest import approved_run, client_for, other_cluster_host, other_host_same_cluster, running_vm
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
 
@@ -305,6 +313,16 @@ def test_admin_changes_to_connections_are_audited_without_the_secret(users):
         "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"})
     role_change = AuditEntry.objects.filter(action="config.changed", object_type="user").last()
     assert role_change is not None and "approver" in role_change.after["groups"]
+
+
+def test_the_admin_run_list_shows_when_a_run_was_handed_over_and_how_often_it_went_back_in_line(users, datacenter):
+    run = approved_run(users["alice"], users["erin"], running_vm(datacenter))
+    MigrationRun.objects.filter(pk=run.pk).update(requeues=2)
+    users["carol"].is_staff = users["carol"].is_superuser = True
+    users["carol"].save()
+    page = client_for(users["carol"]).get("/admin/migrations_app/migrationrun/").content.decode()
+    assert "Handed at" in page and "Requeues" in page
+    assert '<td class="field-requeues">2</td>' in page
 
 
 def test_auditors_verify_the_chain_from_the_page_and_open_one_entry(users, datacenter, tmp_path, settings):
