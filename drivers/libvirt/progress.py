@@ -155,9 +155,11 @@ class ProgressMixin:
                     infos[move.dev] = dom.blockJobInfo(move.dev, 0)
             for move in running:
                 status = watch.block_status.get(move.dev, watch.block_status.get(move.source_path))
-                if not infos[move.dev] and status is None:
-                    # The job is gone: its BLOCK_JOB_2 event (which says why) may trail the poll.
-                    watch.wake.wait(1.0)
+                # The job is gone: its BLOCK_JOB_2 event (which says why) may trail the poll by a moment.
+                settle = time.monotonic() + 1.0
+                while not infos[move.dev] and status is None and time.monotonic() < settle:
+                    watch.wake.wait(0.05)
+                    watch.wake.clear()
                     status = watch.block_status.get(move.dev, watch.block_status.get(move.source_path))
                 if status == sdk.libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED:
                     # Aborted from outside this call: the portal's watchdog (cancel_task) or an admin.
