@@ -9,6 +9,8 @@ which state, audits its refusals, and changes everything or nothing. Its refusal
 
 from __future__ import annotations
 
+import re
+
 from django.db.models import Count, Q
 from django.http import JsonResponse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -111,7 +113,7 @@ def _count(params, key: str, default: int, low: int, high: int) -> int:
     raw = params.get(key)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not re.fullmatch(r"[0-9]{1,10}", raw) or not low <= int(raw) <= high:
         raise ActionRefused(f"{key} must be an integer from {low} to {high}", field=key)
     return int(raw)
 

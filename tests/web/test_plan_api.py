@@ -203,6 +203,8 @@ def test_the_list_filters_by_status_kind_and_mine_and_pages(users, evac_dc):
     ("limit=0", "limit"),
     ("limit=201", "limit"),
     ("limit=ten", "limit"),
+    ("limit=²", "limit"),  # a digit to str.isdigit, not to int()
+    ("offset=99999999999", "offset"),
     ("offset=-1", "offset"),
     ("state=draft", "state"),  # a misspelt filter is not silently ignored
 ])
@@ -267,6 +269,7 @@ def test_wrong_methods_are_refused(users, evac_dc):
     ({"kind": "evacuate_host", "host_id": "1", "reason": "x"}, 400, "host_id", "integer id"),
     ({"kind": "evacuate_host", "host_id": True, "reason": "x"}, 400, "host_id", "integer id"),
     ({"kind": "evacuate_host", "host_id": 999999, "reason": "x"}, 404, "host_id", "no such host"),
+    ({"kind": "evacuate_host", "host_id": 10**30, "reason": "x"}, 404, "host_id", "no such host"),
     ({"kind": "rebalance_cluster", "host_id": "HOST", "reason": "x"}, 400, "host_id", "give cluster_id"),
     ({"kind": "evacuate_host", "host_id": "HOST", "datastore_id": 1, "reason": "x"}, 400, "datastore_id",
      "does not apply"),
@@ -329,4 +332,5 @@ def test_reading_many_plans_costs_the_same_queries_as_reading_one(users, evac_dc
     svc.move_plan_approve(plan=svc.move_plan_submit(plan=big, actor=users["carol"]), actor=users["erin"])
     assert queries("/api/plans/") == one_plan
     assert queries(f"/api/plans/{big.pk}/") <= small_plan + 2  # + the signatures and their approvers
+
 
