@@ -1,12 +1,12 @@
-"""A small JSON API over the same services as the pages (session authentication, CSRF-protected).
+"""A small JSON API over the same services as the pages (session authentication, CSRF-protected):
+migration requests and their runs' events here, move plans in ``plans``.
 
-Errors are JSON: {"error": "...", "field": "..."} with 400 (bad input), 403 (not allowed),
-404 (absent or not yours), 409 (the request's state does not allow it).
+Errors are JSON (``_common``): {"error": "...", "field": "..."} with 400 (bad input), 403 (not
+allowed), 404 (absent or not yours), 409 (the request's state does not allow it).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime
 
@@ -15,47 +15,13 @@ from django.utils.dateparse import parse_datetime
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from migrations_app import access, events, selectors
+from migrations_app.api._common import _body, _error, _int, _Missing, api_login_required
 from migrations_app.choices import AuditAction
 from migrations_app.models import Datastore, Host, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.services import requests as request_services
 from migrations_app.services.audit import audit_denied
 from migrations_app.services.errors import ActionRefused, BatchRefused
 from migrations_app.views import client_ip
-
-
-def _error(message: str, status: int, field: str | None = None) -> JsonResponse:
-    return JsonResponse({"error": message, "field": field}, status=status)
-
-
-def api_login_required(fn):
-    def inner(request, *args, **kwargs):
-        if not request.user.is_authenticated:
-            return _error("log in first", 401)
-        return fn(request, *args, **kwargs)
-
-    inner.__name__, inner.__doc__ = fn.__name__, fn.__doc__
-    return inner
-
-
-def _body(request) -> dict:
-    try:
-        data = json.loads(request.body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ActionRefused("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ActionRefused("the body must be a JSON object")
-    return data
-
-
-def _int(data: dict, key: str, *, required: bool) -> int | None:
-    value = data.get(key)
-    if value is None:
-        if required:
-            raise ActionRefused(f"{key} is required", field=key)
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ActionRefused(f"{key} must be an integer id", field=key)
-    return value
 
 
 def request_json(mr: MigrationRequest) -> dict:
@@ -80,10 +46,6 @@ def request_json(mr: MigrationRequest) -> dict:
             "last_seq": run.last_seq, "explanation": run.explanation,
         },
     }
-
-
-class _Missing(ActionRefused):
-    """The named object does not exist, or this user may not see it: a 404."""
 
 
 def _move(request, data) -> request_services.RequestedMove:
