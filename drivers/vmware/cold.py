@@ -126,17 +126,17 @@ class ColdMoves:
             progress(Phase.PRECHECK, 0.0, message=f"shutting down the guest of {vm.name} (VMware Tools)")
             try:
                 self._run(lambda s: obj.ShutdownGuest())
-            except vmodl.MethodFault as fault:  # Tools stopped answering, the guest refused: power off
-                log.info("ShutdownGuest of %s refused (%s); powering it off", vm.name, fault_text(fault))
+            except vmodl.MethodFault as fault:  # Tools stopped answering, the method is disabled...
+                why = f"vCenter could not ask its guest to shut down ({fault_text(fault)})"
             else:
                 state = self._run(lambda s: wait_for_power_state(s, obj, "poweredOff", task_wait_s=self.task_wait_s,
                                                                  bound_s=self.guest_shutdown_s))
                 if state == "poweredOff":
                     progress(Phase.PRECHECK, 5.0, message=f"the guest of {vm.name} shut down on {source}")
                     return
-                log.info("the guest of %s did not shut down within %g s; powering it off", vm.name,
-                         self.guest_shutdown_s)
-            progress(Phase.PRECHECK, 1.0, message=f"powering {vm.name} off: its guest did not shut down")
+                why = f"its guest did not shut down within {self.guest_shutdown_s:g} s"
+            log.info("powering %s off: %s", vm.name, why)
+            progress(Phase.PRECHECK, 1.0, message=f"powering {vm.name} off: {why}")
         else:
             progress(Phase.PRECHECK, 0.0, message=f"powering {vm.name} off for a cold move (VMware Tools not running)")
         refused = f"VM {vm.name} could not be powered off for the cold move; it keeps running on {source}"

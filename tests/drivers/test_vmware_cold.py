@@ -1,12 +1,13 @@
 """The vCenter driver's cold move against vcsim, in the cases the contract suite does not reach:
-a guest shut down through VMware Tools or powered off, a relocation that fails after the power-off
-(the VM runs again on its source, and the error says so), a power-on that fails too (the error says
-where the VM is left powered off), an already-off VM that stays off, a cancel before the
-relocation, a cold move next to a live one in one batch, and the cold pre-flight.
+a guest shut down through VMware Tools or powered off (Tools not running, ShutdownGuest refused, the
+guest still up at the bound), a relocation that fails after the power-off (the VM runs again on its
+source, and the error says so), a power-on that fails too (the error says where the VM is left
+powered off), an already-off VM that stays off, a cancel before the relocation, a cold move next to
+a live one in one batch, and the cold pre-flight.
 
-A vcsim of its own (lab/vcsim) gives each case its VM by name: Tools running on the first VM of
-each host, a powered-off VM, and VMs whose RelocateVM_Task (and PowerOnVM_Task) vCenter refuses
-with MethodDisabled, as it does for methods a backup tool has disabled. Every outcome is read back
+A vcsim of its own (lab/vcsim) gives each case its VM by name: Tools running on some VMs, a
+powered-off VM, and VMs whose RelocateVM_Task, PowerOnVM_Task or ShutdownGuest vCenter refuses with
+MethodDisabled, as it does for methods a backup tool has disabled. Every outcome is read back
 through a second pyvmomi session, not through the driver."""
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from tests.drivers.test_contract import assert_progress_well_formed
 
 pytestmark = pytest.mark.peer("vcenter")
 
-FLAGS = ["-dc", "1", "-cluster", "1", "-host", "3", "-standalone", "0", "-vm", "3", "-ds", "2",
-         "-tools", "*_VM0",
+FLAGS = ["-dc", "1", "-cluster", "1", "-host", "3", "-standalone", "0", "-vm", "4", "-ds", "2",
+         "-tools", "*_VM[03]",
          "-off", "DC0_C0_H2_VM2",
          "-disable", "DC0_C0_H1_VM1=RelocateVM_Task",
-         "-disable", "DC0_C0_H1_VM2=RelocateVM_Task,PowerOnVM_Task"]
+         "-disable", "DC0_C0_H1_VM2=RelocateVM_Task,PowerOnVM_Task",
+         "-disable", "DC0_C0_H0_VM3=ShutdownGuest"]
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,51 @@ def test_a_guest_with_tools_is_shut_down_and_one_without_is_powered_off_and_both
         assert [u.phase for u in updates if u.task_id] == [Phase.DISK_COPY, Phase.SWITCHOVER, Phase.DONE]
         assert {u.task_id for u in updates if u.task_id} == {result.task_id}
         assert result.downtime_ms is not None and result.downtime_ms > 0
+
+
+def test_a_guest_that_cannot_be_asked_to_shut_down_is_powered_off(lab):
+    vm = find(lab, vim.VirtualMachine, "DC0_C0_H0_VM3")  # Tools run, but vCenter refuses ShutdownGuest
+    assert vm.guest.toolsRunningStatus == "guestToolsRunning"
+    target = other_host(lab, vm)
+    before, shown = task_ids(lab), len(events_of(lab, vm))
+    result, updates = cold_move(lab, MigrationSpec(vm._moId, target_host_ref=target._moId))
+    assert isinstance(result, MigrationResult), result
+    assert (vm.runtime.host, vm.runtime.powerState) == (target, "poweredOn")
+    assert power_tasks_since(lab, vm, before) == [
+        "VirtualMachine.powerOff", "VirtualMachine.relocateVm", "VirtualMachine.powerOn"]
+    assert "VmGuestShutdownEvent" not in events_of(lab, vm)[shown:]
+    assert any("could not ask its guest to shut down" in u.message and "ShutdownGuest" in u.message
+               for u in updates), [u.message for u in updates]
+
+
+def test_a_guest_still_up_at_the_bound_is_powered_off_and_a_vm_off_by_then_is_fine(lab, monkeypatch):
+    """vcsim's guests shut down within ShutdownGuest; here the wait for it is told the VM is still
+    on when its bound passes, as with a guest that ignores the request. The driver then powers the
+    VM off; vcsim refuses (InvalidPowerState: it is off by now, as a guest that finished shutting
+    down just after the bound would be), and the driver, seeing the VM off, goes on."""
+    from drivers.vmware import cold
+
+    real = cold.wait_for_power_state
+    bounds: list[float] = []
+
+    def guest_ignores_the_request(session, vm, wanted, *, task_wait_s, bound_s):
+        if bound_s == 0:  # the driver's own look at the power state
+            return real(session, vm, wanted, task_wait_s=task_wait_s, bound_s=bound_s)
+        bounds.append(bound_s)
+        return "poweredOn"
+
+    monkeypatch.setattr(cold, "wait_for_power_state", guest_ignores_the_request)
+    vm = find(lab, vim.VirtualMachine, "DC0_C0_H1_VM3")
+    target = other_host(lab, vm)
+    before = task_ids(lab)
+    result, updates = cold_move(lab, MigrationSpec(vm._moId, target_host_ref=target._moId))
+    assert isinstance(result, MigrationResult), result
+    assert bounds == [lab.driver.guest_shutdown_s]
+    assert any(f"did not shut down within {lab.driver.guest_shutdown_s:g} s" in u.message for u in updates)
+    assert (vm.runtime.host, vm.runtime.powerState) == (target, "poweredOn")
+    powered_off = [t for t in lab.content.taskManager.recentTask if t._moId not in before and t.info.entity == vm
+                   and t.info.descriptionId == "VirtualMachine.powerOff"]
+    assert [t.info.state for t in powered_off] == ["error"]  # asked after the bound; the VM was off already
 
 
 def test_a_failed_relocation_after_the_power_off_powers_the_vm_on_again_on_its_source(lab):
