@@ -91,7 +91,7 @@ class ColdMoves:
                               context=f"vCenter did not move VM {vm.name}")
             if error is None:  # not a vCenter or connection error: the portal's bug
                 raise
-            if error.code == "abort-unconfirmed":  # the task may still move it: hands off the power
+            if error.code == "abort-unconfirmed":  # the task may still move it: powering it on now would race it
                 raise type(error)(f"{error.message}; VM {vm.name} is powered off meanwhile", code=error.code) from None
             raise self._given_back(error, facts, source, was_on=was_on, off_at=off_at) from None
 
