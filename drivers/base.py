@@ -433,13 +433,18 @@ class Driver(abc.ABC):
     # its round trips once per batch rather than once per move. The defaults call the one-move
     # methods, each move in its own thread, so every driver supports batches.
 
-    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | Exception]:
+    def preflight_many(
+        self, specs: Sequence[MigrationSpec], *, cold: frozenset[int] = frozenset()
+    ) -> list[tuple[PreflightCheck, ...] | Exception]:
         """``preflight`` for several moves: item i is specs[i]'s checks, or the exception that
-        kept them from being made (a DriverError, or any other: the portal's bug), for that move alone."""
+        kept them from being made (a DriverError, or any other: the portal's bug), for that move alone.
+        The indexes in ``cold`` are cold moves (``cold_move``), which the live checks would refuse
+        (a powered-off VM, say): by default they get no checks here, since ``cold_move`` judges its
+        move when it starts; a driver with checks of its own for cold moves answers them."""
         out: list[tuple[PreflightCheck, ...] | Exception] = []
-        for spec in specs:
+        for i, spec in enumerate(specs):
             try:
-                out.append(self.preflight(spec))
+                out.append(() if i in cold else self.preflight(spec))
             except Exception as exc:  # noqa: BLE001 - handed to the caller, which tells bugs apart
                 out.append(exc)
         return out

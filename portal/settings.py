@@ -182,6 +182,9 @@ PORTAL = {
     # Completion budget per GiB of memory + copied disk (Nova's live_migration_completion_timeout).
     "TIMEOUT_S_PER_GIB": float(os.environ.get("PORTAL_TIMEOUT_S_PER_GIB", "800")),
     "TIMEOUT_MIN_S": 120.0,
+    # A cold move's budget also covers bringing the guest down and powering the VM on again: this
+    # many seconds on top (above a vCenter connection's guest_shutdown_s, default 180 s).
+    "COLD_POWER_S": float(os.environ.get("PORTAL_COLD_POWER_S", "300")),
     # Login throttling: this many failures for one user name (or one address) lock it out for
     # LOGIN_LOCKOUT_S seconds.
     "LOGIN_MAX_FAILURES": int(os.environ.get("PORTAL_LOGIN_MAX_FAILURES", "5")),

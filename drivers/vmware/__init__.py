@@ -1,5 +1,6 @@
-"""vCenter driver (pyvmomi): inventory, placement, pre-flight checks and live migration by
-``RelocateVM_Task`` (vMotion, Storage vMotion, or both at once).
+"""vCenter driver (pyvmomi): inventory, placement, pre-flight checks, live migration by
+``RelocateVM_Task`` (vMotion, Storage vMotion, or both at once), and the cold move of a VM that
+cannot move live (guest shutdown or power-off, ``RelocateVM_Task``, power-on).
 
 How it talks to vCenter:
 
@@ -25,6 +26,8 @@ The package, by concern:
 - ``session``: endpoint and TLS rules, the counting SOAP stub, login and login again;
 - ``inventory``: bulk PropertyCollector reads and their mapping to Inventory, Placement, Disks;
 - ``moves``: the facts a move is judged on, the rules, the ``RelocateSpec``;
+- ``batch``: moves in batches (one read of every move's facts, the tasks side by side);
+- ``cold``: the cold move (power off, relocate, power on; the VM never left off unsaid);
 - ``tasks``: following a task (WaitForUpdatesEx, cancel, timeout) and its outcome;
 - ``faults``: vCenter faults and connection errors as the portal's errors.
 """

@@ -44,15 +44,18 @@ class BatchMoves:
     """The batch half of ``VCenterDriver`` (see the module)."""
 
     @_translated(context="checking the moves")
-    def preflight_many(self, specs: Sequence[MigrationSpec]) -> list[tuple[PreflightCheck, ...] | Exception]:
+    def preflight_many(self, specs: Sequence[MigrationSpec], *,
+                       cold: frozenset[int] = frozenset()) -> list[tuple[PreflightCheck, ...] | Exception]:
+        """The moves' checks from one read of their facts; a cold move's by the cold rules (any
+        power state) and, where vCenter has it and the VM is already off, CheckRelocate_Task."""
         facts = self._facts_many(specs)
         if facts is None:
-            return super().preflight_many(specs)
+            return self._preflight_each(specs, cold)
         out: list[tuple[PreflightCheck, ...] | Exception | None] = list(facts)
 
         def check(i: int) -> None:
             try:
-                out[i] = self._checks_one(specs[i], facts[i])
+                out[i] = self._checks_one(specs[i], facts[i], cold=i in cold)
             except Exception as exc:  # noqa: BLE001 - that move alone
                 out[i] = exc
 
@@ -62,8 +65,22 @@ class BatchMoves:
         return out
 
     @_translated(context="checking the move")
-    def _checks_one(self, spec: MigrationSpec, facts: MoveFacts) -> tuple[PreflightCheck, ...]:
-        return self._checks(spec, facts)
+    def _checks_one(self, spec: MigrationSpec, facts: MoveFacts, *, cold: bool = False) -> tuple[PreflightCheck, ...]:
+        return self._checks(spec, facts, cold=cold)
+
+    def _preflight_each(self, specs: Sequence[MigrationSpec], cold: frozenset[int]) -> list:
+        """Each move's checks from its own read (a batch read failed on an object that is gone)."""
+        out: list[tuple[PreflightCheck, ...] | Exception] = []
+        for i, spec in enumerate(specs):
+            try:
+                out.append(self._checks_one(spec, self._translated_facts(spec), cold=i in cold))
+            except Exception as exc:  # noqa: BLE001 - that move alone
+                out.append(exc)
+        return out
+
+    @_translated(context="checking the move")
+    def _translated_facts(self, spec: MigrationSpec) -> MoveFacts:
+        return self._run(lambda s: self._move_facts(s, spec))
 
     def _facts_many(self, specs: Sequence[MigrationSpec]) -> list[MoveFacts | DriverError] | None:
         """The facts of every move in one RetrievePropertiesEx; None when vCenter refused the batch

@@ -29,6 +29,7 @@ from drivers.base import (
     TaskState,
 )
 from drivers.vmware.batch import BatchMoves
+from drivers.vmware.cold import ColdMoves
 from drivers.vmware.faults import _translated, fault_text
 from drivers.vmware.inventory import (
     PC,
@@ -39,7 +40,7 @@ from drivers.vmware.inventory import (
     read_placement,
     retrieve,
 )
-from drivers.vmware.moves import MoveFacts, assess_move, read_move_facts, relocate_spec
+from drivers.vmware.moves import MoveFacts, assess_move, judge_move, read_move_facts, relocate_spec
 from drivers.vmware.session import (
     DEFAULT_API_VERSION,
     _CountingStub,
@@ -69,12 +70,14 @@ T = TypeVar("T")
 RELOCATE_TASKS = frozenset({"VirtualMachine.relocate", "VirtualMachine.relocateVm"})
 
 
-class VCenterDriver(BatchMoves, Driver):
+class VCenterDriver(ColdMoves, BatchMoves, Driver):
     """vCenter through pyvmomi. Options (``ConnectionConfig.options``):
 
     - ``page_size`` (1000): objects per RetrievePropertiesEx page;
     - ``task_wait_s`` (1): longest WaitForUpdatesEx, i.e. how soon a cancel or timeout is seen;
     - ``abort_grace_s`` (120): how long to wait for vCenter to end a task after CancelTask;
+    - ``guest_shutdown_s`` (180): how long a cold move waits for a guest it asked to shut down
+      before it powers the VM off;
     - ``http_timeout_s`` (60), ``api_version`` ("vim25/6.5").
     """
 
@@ -87,6 +90,7 @@ class VCenterDriver(BatchMoves, Driver):
         | Capability.TASK_LOOKUP
         | Capability.TASKS_BY_VM
         | Capability.TASK_ABORT  # CancelTask; vcsim's tasks end within the call, so it proves the ended case
+        | Capability.COLD_MOVE  # power off (guest shutdown where Tools run), RelocateVM_Task, power on: cold.py
     )
 
     def __init__(self, config: ConnectionConfig):
@@ -96,6 +100,7 @@ class VCenterDriver(BatchMoves, Driver):
         self.page_size = int(opts.get("page_size", 1000))
         self.task_wait_s = max(1, int(opts.get("task_wait_s", 1)))
         self.abort_grace_s = float(opts.get("abort_grace_s", 120))
+        self.guest_shutdown_s = float(opts.get("guest_shutdown_s", 180))
         self.http_timeout_s = float(opts.get("http_timeout_s", 60))
         api_version = str(opts.get("api_version", DEFAULT_API_VERSION))
         if api_version not in VmomiSupport.versionMap:
@@ -229,9 +234,12 @@ class VCenterDriver(BatchMoves, Driver):
         (vcsim has not: the driver notices once and stops asking)."""
         return self._checks(spec, self._run(lambda s: self._move_facts(s, spec)))
 
-    def _checks(self, spec: MigrationSpec, facts: MoveFacts) -> tuple[PreflightCheck, ...]:
-        checks = [PreflightCheck(c.name, c.ok, c.message if not c.ok else "passed") for c in assess_move(facts, spec)]
-        if self._check_api is not False:
+    def _checks(self, spec: MigrationSpec, facts: MoveFacts, *, cold: bool = False) -> tuple[PreflightCheck, ...]:
+        checks = [PreflightCheck(c.name, c.ok, c.message if not c.ok else "passed")
+                  for c in assess_move(facts, spec, cold=cold)]
+        # vCenter judges a relocation by the VM's power state now: of a running VM it would check a
+        # vMotion, stricter than the cold move it will be once the VM is off.
+        if self._check_api is not False and not (cold and facts.vm.power == "poweredOn"):
             checks.extend(self._check_relocate(facts))
         return tuple(checks)
 
@@ -279,15 +287,18 @@ class VCenterDriver(BatchMoves, Driver):
 
     def _start_move(self, spec: MigrationSpec, facts: MoveFacts, progress: _ProgressReporter) -> Any:
         """Judge the move on its facts (raising the first broken rule's error) and start its task."""
-        failed = next((c for c in assess_move(facts, spec) if not c.ok), None)
-        if failed is not None:
-            raise failed.error(failed.message, code=failed.name)
+        judge_move(facts, spec)
         progress(Phase.PRECHECK, 0.0, message=f"moving {facts.vm.name}")
+        task = self._relocate(spec, facts)
+        progress(self._move_phase(spec), 0.0, task_id=task._moId)
+        return task
+
+    def _relocate(self, spec: MigrationSpec, facts: MoveFacts) -> Any:
+        """Start the RelocateVM_Task of a judged move; its task."""
         task = self._run(
             lambda s: vim.VirtualMachine(spec.vm_ref, self._stub).RelocateVM_Task(spec=relocate_spec(facts, self._stub))
         )
         log.info("relocating %s (%s): %s started", facts.vm.name, spec.kind.value, task._moId)
-        progress(self._move_phase(spec), 0.0, task_id=task._moId)
         return task
 
     @staticmethod
@@ -298,10 +309,31 @@ class VCenterDriver(BatchMoves, Driver):
                   started: float, cancel: threading.Event,
                   at_once: tuple[_TaskEnd, Placement | None] | None) -> MigrationResult:
         """Follow a started task to its end (unless it ended at once) and read where the VM is."""
-        task_id, phase = task._moId, self._move_phase(spec)
+        task_id = task._moId
+        end, placement = self._follow_move(spec, facts, task, progress, phase=self._move_phase(spec),
+                                           started=started, cancel=cancel, at_once=at_once)
+        if placement is None:
+            placement = self._run(lambda s: self._placement(s, spec.vm_ref))
+        message = f"VM {facts.vm.name} moved"
+        if end.aborted:
+            message += f" (the {end.aborted} came too late: vCenter no longer allowed cancelling the task)"
+        progress(Phase.DONE, 100.0, task_id=task_id, message=message)
+        return MigrationResult(
+            placement=placement, task_id=task_id, duration_s=time.monotonic() - started, message=message
+        )
+
+    def _follow_move(self, spec: MigrationSpec, facts: MoveFacts, task: Any, progress: _ProgressReporter, *,
+                     phase: Phase, started: float, cancel: threading.Event,
+                     at_once: tuple[_TaskEnd, Placement | None] | None,
+                     span: tuple[float, float] = (0.0, 100.0)) -> tuple[_TaskEnd, Placement | None]:
+        """Follow a relocation task to its end (unless it ended at once), reporting its progress in
+        ``phase`` over ``span`` of the whole move's percent; raise unless it succeeded. Returns how
+        it ended and, when the one read that saw it end had it, where the VM is."""
+        task_id, (low, high) = task._moId, span
 
         def on_task_progress(value: int | None) -> None:
-            progress(phase, progress_percent(value, progress.percent), task_id=task_id)
+            overall = None if value is None else low + (high - low) * value / 100.0
+            progress(phase, progress_percent(overall, progress.percent), task_id=task_id)
 
         placement = None
         if at_once is not None:
@@ -314,16 +346,7 @@ class VCenterDriver(BatchMoves, Driver):
             )
         if end.state != "success":
             raise self._unsuccessful(end, task_id, facts.vm.name, spec)
-
-        if placement is None:
-            placement = self._run(lambda s: self._placement(s, spec.vm_ref))
-        message = f"VM {facts.vm.name} moved"
-        if end.aborted:
-            message += f" (the {end.aborted} came too late: vCenter no longer allowed cancelling the task)"
-        progress(Phase.DONE, 100.0, task_id=task_id, message=message)
-        return MigrationResult(
-            placement=placement, task_id=task_id, duration_s=time.monotonic() - started, message=message
-        )
+        return end, placement
 
     _unsuccessful = staticmethod(unsuccessful)
 

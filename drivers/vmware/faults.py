@@ -84,6 +84,26 @@ def domain_error(
     return default(f"{prefix}{text}", hypervisor_message=text, code=code)
 
 
+def translate(exc: BaseException, *, endpoint: Any, default: type[DriverError] = DriverError,
+              context: str = "") -> DriverError | None:
+    """The portal's error for what a call to vCenter at ``endpoint`` raised: a DriverError as it
+    is, a fault through ``domain_error``, a connection or TLS error as ConnectionFailed; None for
+    anything else (the portal's own bug, left to propagate)."""
+    if isinstance(exc, DriverError):
+        return exc
+    if isinstance(exc, vmodl.MethodFault):
+        return domain_error(exc, default=default, context=context)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConnectionFailed(
+            f"the certificate of {endpoint.host} is not trusted ({exc.verify_message}); give its CA as ca_bundle",
+            code="tls-verify",
+        )
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return ConnectionFailed(f"cannot talk to vCenter at {endpoint}: {exc.__class__.__name__}: {exc}",
+                                code="connection")
+    return None
+
+
 def _translated(default: type[DriverError] = DriverError, context: str = ""):
     """Decorator: vCenter faults and connection errors leave public methods as DriverErrors."""
 
@@ -94,18 +114,8 @@ def _translated(default: type[DriverError] = DriverError, context: str = ""):
                 return method(self, *args, **kwargs)
             except DriverError:
                 raise
-            except vmodl.MethodFault as fault:
-                raise domain_error(fault, default=default, context=context) from None
-            except ssl.SSLCertVerificationError as exc:
-                raise ConnectionFailed(
-                    f"the certificate of {self.endpoint.host} is not trusted ({exc.verify_message}); "
-                    "give its CA as ca_bundle",
-                    code="tls-verify",
-                ) from None
-            except _CONNECTION_ERRORS as exc:
-                raise ConnectionFailed(
-                    f"cannot talk to vCenter at {self.endpoint}: {exc.__class__.__name__}: {exc}", code="connection"
-                ) from None
+            except (vmodl.MethodFault, *_CONNECTION_ERRORS) as exc:
+                raise translate(exc, endpoint=self.endpoint, default=default, context=context) from None
 
         return run
 

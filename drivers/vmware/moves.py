@@ -1,6 +1,6 @@
 """Judging a move: the facts it is judged on (read in one retrieval), the inventory rules in the
-order migrate enforces them, and the ``RelocateSpec`` for ``RelocateVM_Task`` (vMotion, Storage
-vMotion, or both at once)."""
+order migrate (and cold_move) enforces them, and the ``RelocateSpec`` for ``RelocateVM_Task``
+(vMotion, Storage vMotion, both at once, or the relocation of a powered-off VM)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class VmFacts:
     cluster_ref: str  # owner of the VM's resource pool = the cluster of its host
     disks: tuple[Disk, ...]  # read only for moves with a target datastore (the costly property)
     datastore_refs: tuple[str, ...]  # every datastore holding a file of the VM
+    tools_running: bool = False  # guest.toolsRunningStatus: a cold move may ask the guest to shut down
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,12 @@ class MoveCheck:
     error: type[DriverError] = InvalidState
 
 
-def assess_move(facts: MoveFacts, spec: MigrationSpec) -> tuple[MoveCheck, ...]:
-    """The inventory rules for a live relocation, in the order migrate enforces them. These are
-    also the pre-flight report where vCenter has no CheckRelocate_Task (vcsim)."""
+def assess_move(facts: MoveFacts, spec: MigrationSpec, *, cold: bool = False) -> tuple[MoveCheck, ...]:
+    """The inventory rules for a live relocation, in the order migrate enforces them (a ``cold``
+    one, whatever the VM's power state, the same rules but that one). These are also the
+    pre-flight report where vCenter has no CheckRelocate_Task (vcsim)."""
     vm, host, ds = facts.vm, facts.host, facts.datastore
-    checks = [
+    checks = [] if cold else [
         MoveCheck("vm-powered-on", vm.power == "poweredOn", f"VM {vm.name} is {vm.power}; a live move needs it running")
     ]
     if host is not None:
@@ -118,6 +120,13 @@ def assess_move(facts: MoveFacts, spec: MigrationSpec) -> tuple[MoveCheck, ...]:
             )
         )
     return tuple(checks)
+
+
+def judge_move(facts: MoveFacts, spec: MigrationSpec, *, cold: bool = False) -> None:
+    """Raise the error of the first rule the move breaks (``assess_move``), before anything moves."""
+    failed = next((c for c in assess_move(facts, spec, cold=cold) if not c.ok), None)
+    if failed is not None:
+        raise failed.error(failed.message, code=failed.name)
 
 
 def relocate_spec(facts: MoveFacts, stub: Any) -> vim.vm.RelocateSpec:
@@ -178,7 +187,7 @@ def read_moves_facts(session: _Session, specs: Sequence[MigrationSpec], *, stub:
             ))
         if spec.target_datastore_ref:
             add(spec.target_datastore_ref, PC.ObjectSpec(obj=vim.Datastore(spec.target_datastore_ref, stub)))
-    vm_paths = ["name", "runtime.host", "runtime.powerState", "resourcePool", "datastore"]
+    vm_paths = ["name", "runtime.host", "runtime.powerState", "resourcePool", "datastore", "guest.toolsRunningStatus"]
     if any(spec.target_datastore_ref for spec in specs):
         vm_paths.append("config.hardware.device")
     prop_specs = [
@@ -218,6 +227,7 @@ def _facts_of(spec: MigrationSpec, by_ref: dict[str, dict]) -> MoveFacts:
         cluster_ref=owner._moId if owner is not None else "",
         disks=disks,
         datastore_refs=tuple(ds._moId for ds in vm.get("datastore") or ()),
+        tools_running=vm.get("guest.toolsRunningStatus") == "guestToolsRunning",
     )
     host_facts = None
     if spec.target_host_ref:

@@ -43,7 +43,7 @@ def abort_reason(*, cancel_requested: bool, elapsed_s: float, timeout_s: float |
     return None
 
 
-def progress_percent(task_progress: int | None, previous: float) -> float:
+def progress_percent(task_progress: float | None, previous: float) -> float:
     """Overall percent from vCenter's task progress: never backwards, below 100 until the driver
     has confirmed the result (DONE reports the 100)."""
     if task_progress is None:
@@ -165,6 +165,34 @@ def follow_task(
         result=info.get("info.result"),
         aborted=aborted,
     )
+
+
+def wait_for_power_state(session: _Session, vm: Any, wanted: str, *, task_wait_s: int, bound_s: float) -> str:
+    """Wait (WaitForUpdatesEx on a filter of the VM's runtime.powerState, each wait at most
+    task_wait_s) until the VM is in the ``wanted`` state or ``bound_s`` has passed; returns the
+    last state seen. A guest shutdown is asked with ShutdownGuest, which answers at once: this
+    is how the driver sees the guest finish."""
+    collector = take_collector(session)
+    spec = PC.FilterSpec(objectSet=[PC.ObjectSpec(obj=vm)],
+                         propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=["runtime.powerState"])])
+    power_filter = collector.CreateFilter(spec, partialUpdates=False)
+    state, version = "", ""
+    give_up_at = time.monotonic() + bound_s
+    try:
+        while True:  # the first wait answers at once with the current state
+            wait_s = max(1, min(task_wait_s, int(give_up_at - time.monotonic() + 0.999)))
+            update = collector.WaitForUpdatesEx(version=version, options=PC.WaitOptions(maxWaitSeconds=wait_s))
+            if update is not None:  # None: the wait ran out with nothing new
+                version = update.version
+                for filter_update in update.filterSet or ():
+                    for object_update in filter_update.objectSet or ():
+                        for change in object_update.changeSet or ():
+                            state = str(change.val)
+            if state == wanted or time.monotonic() >= give_up_at:
+                break
+    finally:
+        release_collector(session, collector, power_filter)
+    return state
 
 
 def release_collector(session: _Session, collector: Any, task_filter: Any) -> None:

@@ -69,11 +69,20 @@ func main() {
 	flag.IntVar(&m.Host, "standalone", 1, "standalone hosts per datacenter")
 	flag.IntVar(&m.Datastore, "ds", 1, "datastores (every host of a datacenter mounts them all)")
 	perHost := flag.Int("vm", 2, "VMs per host (disks spread over the datastores, powered on)")
+	var looks vmLooks
+	flag.StringVar(&looks.off, "off", "", "VMs whose name matches this pattern (path.Match) stay powered off")
+	flag.StringVar(&looks.tools, "tools", "", "VMs whose name matches this pattern report VMware Tools running")
+	flag.Var(&looks.disabled, "disable", "PATTERN=Method[,Method]: matching VMs refuse these methods (repeatable)")
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve on")
 	login := flag.String("login", "user:pass", "the only user:password accepted")
 	certFile := flag.String("cert", "", "write the server's TLS certificate (PEM) here")
 	relocateDelay := flag.Int("relocate-delay-ms", 0, "delay each RelocateVM_Task call (the move happens after it)")
 	flag.Parse()
+	for _, pattern := range []string{looks.off, looks.tools} {
+		if _, err := path.Match(pattern, ""); err != nil {
+			log.Fatalf("bad VM name pattern %q: %s", pattern, err)
+		}
+	}
 	if *relocateDelay > 0 {
 		// vcsim runs a task within the call: a delay before it gives a crash test a window in
 		// which the client has asked for the move and vCenter has not recorded it yet.
@@ -85,7 +94,7 @@ func main() {
 	}
 	defer m.Remove()
 	shareDatastores()
-	if err := addVMs(m.Service, *perHost); err != nil {
+	if err := addVMs(m.Service, *perHost, looks); err != nil {
 		log.Fatal(err)
 	}
 	simulator.Map.AddHandler(diskFollower{types.ManagedObjectReference{Type: "lab", Value: "disk-follower"}})
@@ -153,9 +162,74 @@ func selfSigned(certFile string) (tls.Certificate, error) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, err
 }
 
-// addVMs creates perHost powered-on VMs on every host, in the host's resource pool, with one
-// 1 MiB disk on datastore (i mod n) and an "owner" custom attribute.
-func addVMs(svc *simulator.Service, perHost int) error {
+// vmLooks gives some VMs a state of their own by name, for tests that need one:
+//   - off: left powered off (a cold move's case: it cannot move live);
+//   - tools: VMware Tools reported running (guest.toolsRunningStatus guestToolsRunning, toolsStatus
+//     toolsOk), so a client may ask ShutdownGuest (0.24.2 powers the VM off at once, whatever Tools
+//     say); CreateVM reports Tools not installed and nothing in the simulator changes that;
+//   - disabled: methods the VM refuses with MethodDisabled, as vCenter answers for a method that a
+//     solution (a backup, say) disabled with AuthorizationManager.DisableMethods, which 0.24.2 lacks:
+//     the one way to make a call fail on a VM that is otherwise fine.
+type vmLooks struct {
+	off, tools string
+	disabled   methodRules
+}
+
+// methodRules is the repeatable -disable flag: "PATTERN=RelocateVM_Task,PowerOnVM_Task".
+type methodRules []methodRule
+
+type methodRule struct {
+	pattern string
+	methods []string // as 0.24.2 compares them: its Go names, "RelocateVMTask"
+}
+
+func (r *methodRules) String() string { return fmt.Sprint(*r) }
+
+func (r *methodRules) Set(value string) error {
+	pattern, list, ok := strings.Cut(value, "=")
+	if !ok || pattern == "" || list == "" {
+		return fmt.Errorf("want PATTERN=Method[,Method], got %q", value)
+	}
+	if _, err := path.Match(pattern, ""); err != nil {
+		return err
+	}
+	rule := methodRule{pattern: pattern}
+	for _, m := range strings.Split(list, ",") {
+		// The simulator dispatches "RelocateVM_Task" to its method RelocateVMTask and checks
+		// disabledMethod against that name.
+		if strings.HasSuffix(m, "_Task") {
+			m = strings.TrimSuffix(m, "_Task") + "Task"
+		}
+		rule.methods = append(rule.methods, m)
+	}
+	*r = append(*r, rule)
+	return nil
+}
+
+func matches(pattern, name string) bool {
+	ok, _ := path.Match(pattern, name) // patterns were checked when the flags were parsed
+	return pattern != "" && ok
+}
+
+// apply gives a new VM its looks. It runs before the server starts, so no client watches yet.
+func (l vmLooks) apply(ref types.ManagedObjectReference) {
+	vm := simulator.Map.Get(ref).(*simulator.VirtualMachine)
+	if matches(l.tools, vm.Name) {
+		vm.Guest.ToolsRunningStatus = string(types.VirtualMachineToolsRunningStatusGuestToolsRunning)
+		vm.Guest.ToolsStatus = types.VirtualMachineToolsStatusToolsOk
+		vm.Summary.Guest.ToolsRunningStatus = vm.Guest.ToolsRunningStatus
+		vm.Summary.Guest.ToolsStatus = vm.Guest.ToolsStatus
+	}
+	for _, rule := range l.disabled {
+		if matches(rule.pattern, vm.Name) {
+			vm.DisabledMethod = append(vm.DisabledMethod, rule.methods...)
+		}
+	}
+}
+
+// addVMs creates perHost VMs on every host, in the host's resource pool, with one 1 MiB disk on
+// datastore (i mod n) and an "owner" custom attribute, powered on unless -off names them.
+func addVMs(svc *simulator.Service, perHost int, looks vmLooks) error {
 	ctx := context.Background()
 	c, err := vim25.NewClient(ctx, svc) // in-process: no HTTP, no session needed
 	if err != nil {
@@ -208,9 +282,12 @@ func addVMs(svc *simulator.Service, perHost int) error {
 					return err
 				}
 				vm := object.NewVirtualMachine(c, info.Result.(types.ManagedObjectReference))
-				if task, err = vm.PowerOn(ctx); err == nil {
-					err = task.Wait(ctx)
+				if !matches(looks.off, name) {
+					if task, err = vm.PowerOn(ctx); err == nil {
+						err = task.Wait(ctx)
+					}
 				}
+				looks.apply(vm.Reference())
 				if err == nil {
 					err = fields.Set(ctx, vm.Reference(), owner.Key, owners[n%len(owners)])
 				}

@@ -5,7 +5,7 @@
 #   lab/vcsim/vcsim.sh build            build lab/.cache/vcsim/vcsim (again only if main.go changed)
 #   lab/vcsim/vcsim.sh start [flags]    start in the background, wait until it answers, print the URL
 #                                       flags go to main.go: -dc -cluster -host -standalone -vm -ds
-#                                       -relocate-delay-ms
+#                                       -relocate-delay-ms -off -tools -disable
 #   lab/vcsim/vcsim.sh stop             stop it (by its pid file only) and remove its run files
 #   lab/vcsim/vcsim.sh url | status
 #

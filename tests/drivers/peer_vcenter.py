@@ -25,8 +25,11 @@ from tests.drivers.harness import Harness
 REPO = Path(__file__).resolve().parents[2]
 VCSIM = REPO / "lab" / "vcsim" / "vcsim.sh"
 # 1 datacenter, 2 clusters x 3 hosts, 1 standalone host, 2 VMs per host over 3 datastores
-# (every host mounts every datastore, as the simulator models a datacenter).
-INVENTORY_FLAGS = ["-dc", "1", "-cluster", "2", "-host", "3", "-standalone", "1", "-vm", "2", "-ds", "3"]
+# (every host mounts every datastore, as the simulator models a datacenter). Each host's first VM
+# has VMware Tools running (a cold move shuts its guest down; the others are powered off), and
+# one VM is powered off (only a cold move can take it).
+INVENTORY_FLAGS = ["-dc", "1", "-cluster", "2", "-host", "3", "-standalone", "1", "-vm", "2", "-ds", "3",
+                   "-tools", "*_VM0", "-off", "DC0_C1_H2_VM1"]
 
 
 class VCenterHarness(Harness):

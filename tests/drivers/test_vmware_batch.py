@@ -11,7 +11,7 @@ def test_one_moves_vcenter_check_fault_fails_that_move_alone(monkeypatch):
              drv.MigrationSpec(vm_ref="vm-2", target_host_ref="host-1")]
     monkeypatch.setattr(VCenterDriver, "_facts_many", lambda self, s: ["facts-1", "facts-2"])
 
-    def checks(self, spec, facts):
+    def checks(self, spec, facts, *, cold=False):
         if facts == "facts-2":  # CheckRelocate_Task for vm-2 raised a fault (e.g. the VM is busy)
             raise vim.fault.InvalidState(msg="vm-2 is busy")
         return (drv.PreflightCheck("vcenter-check", True, "ok"),)

@@ -207,7 +207,7 @@ def test_an_endpoint_lost_during_the_batch_preflight_fails_every_run_and_leaves_
                                                                                              monkeypatch):
     from drivers.simulator import SimulatorDriver
 
-    def unreachable(self, specs):
+    def unreachable(self, specs, **kwargs):
         raise drv.ConnectionFailed("cannot talk to the simulator: connection refused")
 
     monkeypatch.setattr(SimulatorDriver, "preflight_many", unreachable)
@@ -233,11 +233,11 @@ def test_a_batch_put_back_in_line_while_its_worker_hung_in_preflight_is_moved_on
     hung, wake = threading.Event(), threading.Event()
     moves = []
 
-    def preflight_many(self, specs):
+    def preflight_many(self, specs, **kwargs):
         if not hung.is_set():
             hung.set()
             wake.wait(20)  # the first worker: stuck talking to the hypervisor
-        return real_pf(self, specs)
+        return real_pf(self, specs, **kwargs)
 
     def migrate(self, spec, *, on_progress, cancel):
         moves.append(spec.vm_ref)

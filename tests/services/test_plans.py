@@ -113,7 +113,8 @@ def test_fallback_offers_skip_only_where_the_driver_cannot_cold_move(evac_dc, us
     assert AuditEntry.objects.filter(action=AuditAction.PLAN_FALLBACK_SET, outcome=AuditOutcome.SUCCESS).count() == 1
 
 
-def test_cold_move_fallback_powers_off_moves_and_powers_on(evac_dc, users, django_capture_on_commit_callbacks):
+def test_cold_move_fallback_powers_off_moves_and_powers_on(evac_dc, users, django_capture_on_commit_callbacks,
+                                                           settings):
     from migrations_app.services.inventory import driver_for
 
     plan = build(evac_dc, users)
@@ -123,6 +124,7 @@ def test_cold_move_fallback_powers_off_moves_and_powers_on(evac_dc, users, djang
     svc.move_plan_approve(plan=plan, actor=users["erin"])
     stuck.refresh_from_db()
     assert stuck.status == Item.MOVING and stuck.request.cold and stuck.request.kind == "both"
+    assert stuck.request.run.timeout_s >= 120.0 + settings.PORTAL["COLD_POWER_S"]  # the power operations' time too
     assert "cold move" in stuck.request.policy_note
     run_all(django_capture_on_commit_callbacks)
     plan.refresh_from_db()
@@ -132,6 +134,17 @@ def test_cold_move_fallback_powers_off_moves_and_powers_on(evac_dc, users, djang
     assert vm.host_ref == stuck.target_host.ref and set(vm.datastore_refs) == {stuck.target_datastore.ref}
     assert vm.power_state == "on"
     assert VirtualMachine.objects.get(pk=stuck.vm_id).host_id == stuck.target_host_id
+
+
+def test_a_cold_moves_budget_counts_its_power_operations_and_no_memory(settings):
+    from migrations_app.services.runs import completion_budget_s
+
+    settings.PORTAL = {**settings.PORTAL, "TIMEOUT_MIN_S": 120.0, "TIMEOUT_S_PER_GIB": 800.0, "COLD_POWER_S": 300.0}
+    gib = 1024**3
+    assert completion_budget_s(memory_bytes=4 * gib, disk_bytes=gib, kind="compute") == 3200.0
+    # Off, the VM's memory is not copied; its guest shutdown and power-on take their own time.
+    assert completion_budget_s(memory_bytes=4 * gib, disk_bytes=gib, kind="compute", cold=True) == 120.0 + 300.0
+    assert completion_budget_s(memory_bytes=4 * gib, disk_bytes=gib, kind="both", cold=True) == 800.0 + 300.0
 
 
 def test_a_powered_off_vm_is_offered_a_cold_move_on_the_same_storage(tmp_path, users):

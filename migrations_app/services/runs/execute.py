@@ -309,7 +309,8 @@ def _preflight_at_start(runs: list[MigrationRun], driver: drv.Driver,
     # One call for the batch; a driver answers about as fast as for one move (vCenter checks the
     # moves side by side), so the claim's heartbeat covers it as it covers a single run's.
     try:
-        answers = driver.preflight_many([specs[run.pk] for run in asked]) if asked else []
+        cold = frozenset(i for i, run in enumerate(asked) if run.request.cold)  # judged as cold moves
+        answers = driver.preflight_many([specs[run.pk] for run in asked], cold=cold) if asked else []
     except Exception as exc:  # noqa: BLE001 - the endpoint unreachable, say: every move asked fails with it
         answers = [exc] * len(asked)
     if len(answers) != len(asked):

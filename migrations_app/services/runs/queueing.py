@@ -26,11 +26,13 @@ S = RequestStatus
 GiB = 1024**3
 
 
-def completion_budget_s(*, memory_bytes: int, disk_bytes: int, kind: str) -> float:
-    """Time a migration may take before it is aborted: per GiB of what is copied (Nova's rule)."""
-    copied = (memory_bytes if kind != MigrationKind.STORAGE else 0) + (disk_bytes if kind != MigrationKind.COMPUTE else 0)
-    budget = settings.PORTAL["TIMEOUT_S_PER_GIB"] * copied / GiB
-    return max(settings.PORTAL["TIMEOUT_MIN_S"], budget)
+def completion_budget_s(*, memory_bytes: int, disk_bytes: int, kind: str, cold: bool = False) -> float:
+    """Time a migration may take before it is aborted: per GiB of what is copied (Nova's rule).
+    A cold move copies no memory, and has its guest shutdown and power operations on top."""
+    memory = memory_bytes if kind != MigrationKind.STORAGE and not cold else 0
+    copied = memory + (disk_bytes if kind != MigrationKind.COMPUTE else 0)
+    budget = max(settings.PORTAL["TIMEOUT_MIN_S"], settings.PORTAL["TIMEOUT_S_PER_GIB"] * copied / GiB)
+    return budget + settings.PORTAL["COLD_POWER_S"] if cold else budget
 
 
 def dispatch(run_id: int, worker_task_id: str) -> None:
@@ -87,7 +89,7 @@ def migration_runs_enqueue(*, requests: list[MigrationRequest], actor) -> list[M
         worker_task_id=str(uuid.uuid4()),
         dispatched_at=now,
         timeout_s=completion_budget_s(memory_bytes=request.vm.memory_bytes, disk_bytes=request.vm.disk_bytes,
-                                      kind=request.kind),
+                                      kind=request.kind, cold=request.cold),
     ) for request in requests]
     if len(runs) == 1:
         runs[0].save(force_insert=True)
