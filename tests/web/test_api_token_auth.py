@@ -233,6 +233,10 @@ def test_what_a_token_does_is_audited_as_its_user_naming_the_token(users, datace
     assert post(client_for(users["alice"]), f"/api/requests/{rid}/approve/", {}).status_code == 403
     by_hand = AuditEntry.objects.filter(request_id=rid, outcome=AuditOutcome.DENIED).order_by("-id").first()
     assert by_hand.pk != denied.pk and by_hand.actor == users["alice"] and "api_token" not in by_hand.data
+    # Auditors see it on the audit pages.
+    dave = client_for(users["dave"])
+    assert "via token “awx-prod”" in dave.get("/audit/", {"actor": "alice"}).content.decode()
+    assert "with API token “awx-prod”" in dave.get(f"/audit/{submitted.pk}/").content.decode()
     assert audit_verify_chain().ok
 
 
