@@ -212,6 +212,8 @@ class ApiTokenAdmin(ReadOnlyAdmin):
     list_filter = ("revoked_at",)
     search_fields = ("name", "user__username", "last4")
     list_select_related = ("user", "revoked_by")
+    fields = readonly_fields = ("user", "name", "hint", "created_at", "expires_at", "last_used_at", "last_used_ip",
+                                "revoked_at", "revoked_by")
     actions = ["revoke"]
 
     @admin.action(description="Revoke the selected tokens")

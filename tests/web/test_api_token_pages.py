@@ -150,6 +150,8 @@ def test_admins_see_every_users_tokens_and_revoke_them_in_the_admin(users):
     listing = admin.get("/admin/migrations_app/apitoken/").content.decode()
     assert "alice-ci" in listing and "bob-ci" in listing and f"mvp_…{secret[-4:]}" in listing
     assert token.digest not in listing and secret not in listing
+    one = admin.get(f"/admin/migrations_app/apitoken/{token.pk}/change/").content.decode()
+    assert "alice-ci" in one and f"mvp_…{secret[-4:]}" in one and token.digest not in one
     response = admin.post("/admin/migrations_app/apitoken/", {"action": "revoke", "_selected_action": [token.pk]})
     assert response.status_code == 302
     token.refresh_from_db()
