@@ -255,6 +255,33 @@ def can_cancel_plan(user, plan) -> Verdict:
     return ALLOW
 
 
+# -- personal API tokens -------------------------------------------------------------------------
+# Every user may make tokens for themselves (a token carries its user's rights, nothing more); a
+# token never makes another one. Its user or an admin revokes it.
+
+
+def can_create_api_token(user) -> Verdict:
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return deny("log in to make an API token")
+    if getattr(user, "api_token", None) is not None:
+        return deny("an API token cannot make API tokens; log in to the portal")
+    return ALLOW
+
+
+def can_view_api_token(user, token) -> Verdict:
+    if token.user_id == getattr(user, "pk", None) or has_role(user, Role.ADMIN):
+        return ALLOW
+    return deny("this API token is not yours")
+
+
+def can_revoke_api_token(user, token) -> Verdict:
+    if not can_view_api_token(user, token):
+        return deny("only the token's user or an admin can revoke it")
+    if token.revoked_at is not None:
+        return deny("this API token is already revoked", conflict=True)
+    return ALLOW
+
+
 def roles_context(request) -> dict:
     """Template context: the current user's roles, for showing the right navigation."""
     user_roles = roles(request.user)

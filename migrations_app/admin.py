@@ -18,6 +18,7 @@ from django.urls import path
 from drivers.base import DriverError
 from migrations_app.choices import NotificationCategory
 from migrations_app.models import (
+    ApiToken,
     ApprovalPolicy,
     AuditEntry,
     Cluster,
@@ -35,7 +36,9 @@ from migrations_app.models import (
     Webhook,
 )
 from migrations_app.policy.document import PolicyDocumentError, dumps, loads
+from migrations_app.services.api_tokens import api_token_revoke
 from migrations_app.services.audit import audit_config_change, config_delete, snapshot
+from migrations_app.services.errors import ActionRefused
 from migrations_app.services.inventory import driver_for, inventory_sync
 from migrations_app.services.policies import approval_policy_activate, approval_policy_export, approval_policy_import
 
@@ -196,6 +199,32 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     list_display = ("id", "created_at", "actor_name", "action", "outcome", "vm_name", "ip")
     list_filter = ("action", "outcome")
     search_fields = ("actor_name", "vm_name", "reason")
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(ReadOnlyAdmin):
+    """Every user's personal API tokens: who has which, until when, last used when and from where.
+    Users make their own on the API tokens page; here admins revoke any (the service checks the
+    admin role and audits it). Tokens are revoked, never deleted."""
+
+    list_display = ("id", "name", "user", "hint", "created_at", "expires_at", "last_used_at", "last_used_ip",
+                    "revoked_at", "revoked_by")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "user__username", "last4")
+    list_select_related = ("user", "revoked_by")
+    fields = readonly_fields = ("user", "name", "hint", "created_at", "expires_at", "last_used_at", "last_used_ip",
+                                "revoked_at", "revoked_by")
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request, queryset):
+        for token in queryset:
+            try:
+                api_token_revoke(token=token, actor=request.user, ip=request.META.get("REMOTE_ADDR"))
+            except ActionRefused as exc:
+                messages.error(request, f"{token}: {exc.message}")
+            else:
+                messages.success(request, f"{token}: revoked")
 
 
 # -- approval policies -------------------------------------------------------------------------

@@ -154,6 +154,9 @@ class AuditAction(models.TextChoices):
     PLAN_STAGE_APPROVED = "plan.stage_approved", "Move plan approval stage signed"
     PLAN_AUTO_APPROVED = "plan.auto_approved", "Move plan approved by policy"
     PLAN_BYPASS_APPROVED = "plan.bypass_approved", "Move plan approved by admin bypass"
+    API_TOKEN_CREATED = "api_token.created", "API token created"
+    API_TOKEN_REVOKED = "api_token.revoked", "API token revoked"
+    API_TOKEN_REFUSED = "api_token.refused", "API token refused"
 
 
 class NotificationCategory(models.TextChoices):

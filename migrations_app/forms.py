@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from django import forms
+from django.core.validators import MaxValueValidator
 
 from migrations_app.choices import MigrationKind, NotificationCategory, PlanKind
 from migrations_app.models import Cluster, Datastore, Host, VirtualMachine
+from migrations_app.services.api_tokens import expiry_limits
 from migrations_app.services.requests import MAX_BATCH
 
 DATETIME_INPUTS = ["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"]
@@ -116,3 +118,20 @@ class PlanBuildForm(forms.Form):
     datastore = forms.ModelChoiceField(queryset=Datastore.objects.filter(present=True), required=False)
     cluster = forms.ModelChoiceField(queryset=Cluster.objects.all(), required=False)
     reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), max_length=2000, strip=True)
+
+
+class ApiTokenForm(forms.Form):
+    """A new personal API token: what it is for, and for how many days it works (the default and
+    the longest come from PORTAL["API_TOKEN_DEFAULT_DAYS"] and ["API_TOKEN_MAX_DAYS"])."""
+
+    name = forms.CharField(max_length=100, strip=True, help_text="What it is for: an AWX credential, a CI job.")
+    days = forms.IntegerField(min_value=1, label="Expires in (days)")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        default, longest = expiry_limits()
+        self.fields["days"].initial = default
+        self.fields["days"].max_value = longest
+        self.fields["days"].validators.append(MaxValueValidator(longest))
+        self.fields["days"].widget.attrs["max"] = longest
+        self.fields["days"].help_text = f"At most {longest} days."

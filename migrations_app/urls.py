@@ -1,6 +1,6 @@
 from django.urls import path, re_path
 
-from migrations_app import batch_views, plan_views, views
+from migrations_app import batch_views, plan_views, token_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -17,6 +17,8 @@ urlpatterns = [
     path("requests/<int:pk>/cancel/", views.request_cancel, name="request_cancel"),
     path("approvals/", views.approvals, name="approvals"),
     path("notifications/", views.notification_settings, name="notification_settings"),
+    path("tokens/", token_views.token_list, name="api_tokens"),
+    path("tokens/<int:pk>/revoke/", token_views.token_revoke, name="api_token_revoke"),
     path("plans/", plan_views.plan_list, name="plans"),
     path("plans/new/", plan_views.plan_build, name="plan_build"),
     path("plans/queue/", plan_views.plan_queue, name="plan_queue"),

@@ -189,6 +189,10 @@ PORTAL = {
     # LOGIN_LOCKOUT_S seconds.
     "LOGIN_MAX_FAILURES": int(os.environ.get("PORTAL_LOGIN_MAX_FAILURES", "5")),
     "LOGIN_LOCKOUT_S": int(os.environ.get("PORTAL_LOGIN_LOCKOUT_S", "900")),
+    # Personal API tokens: the expiry a new token is offered, and the longest one may ask for (days).
+    # Failed token attempts count against the login throttle of their address.
+    "API_TOKEN_DEFAULT_DAYS": int(os.environ.get("PORTAL_API_TOKEN_DEFAULT_DAYS", "90")),
+    "API_TOKEN_MAX_DAYS": int(os.environ.get("PORTAL_API_TOKEN_MAX_DAYS", "365")),
     # Pending requests expire after this many hours without a decision.
     "PENDING_EXPIRY_HOURS": float(os.environ.get("PORTAL_PENDING_EXPIRY_HOURS", "72")),
     # Change windows: the shortest window a request may ask for, and how far ahead it may close.

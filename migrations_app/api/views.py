@@ -1,5 +1,6 @@
-"""A small JSON API over the same services as the pages (session authentication, CSRF-protected):
-migration requests and their runs' events here, move plans in ``plans``.
+"""A small JSON API over the same services as the pages (callers authenticate with the session and
+its CSRF token, or with a personal API token: ``_common.api_login_required``): migration requests
+and their runs' events here, move plans in ``plans``.
 
 Errors are JSON (``_common``): {"error": "...", "field": "..."} with 400 (bad input), 403 (not
 allowed), 404 (absent or not yours), 409 (the request's state does not allow it).

@@ -14,8 +14,10 @@ from migrations_app.models.plans import MovePlan, PlanItem
 from migrations_app.models.policy import ApprovalPolicy, PlanApproval, PolicyRule, PolicyStage, RequestApproval
 from migrations_app.models.requests import MigrationRequest
 from migrations_app.models.runs import MigrationRun, RunEvent
+from migrations_app.models.tokens import ApiToken
 
 __all__ = [
+    "ApiToken",
     "ApprovalPolicy",
     "AuditEntry",
     "Cluster",

@@ -56,7 +56,14 @@ def audit_entry(
     data: dict | None = None,
     actor_name: str = "",
 ) -> AuditEntry:
-    """An audit entry not yet chained nor saved: ``audit_append`` appends a list of them at once."""
+    """An audit entry not yet chained nor saved: ``audit_append`` appends a list of them at once.
+
+    An actor authenticated by a personal API token carries it (``api_token``, set by
+    ``services.api_tokens.api_token_authenticate``): the entry names the token in its data, so
+    auditors tell a script's actions from a person's."""
+    token = getattr(actor, "api_token", None)
+    if token is not None:
+        data = {**(data or {}), "api_token": {"id": token.pk, "name": token.name}}
     if request is not None:
         object_type = object_type or "migration_request"
         object_id = object_id or str(request.pk)

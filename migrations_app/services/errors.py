@@ -45,3 +45,13 @@ class BatchRefused(ActionRefused):
         conflict = not denied and any(r.error.conflict for r in self.refusals)
         message = "; ".join(f"{r.label}: {r.error.message}" for r in self.refusals)
         super().__init__(f"nothing was done: {message}", denied=denied, conflict=conflict)
+
+
+class NotAuthenticated(Exception):
+    """The credentials a call sent were refused (a 401), or, ``locked``, its address is locked out
+    after too many failures (a 429) and they were not even looked at."""
+
+    def __init__(self, message: str, *, locked: bool = False):
+        self.message = message
+        self.locked = locked
+        super().__init__(message)

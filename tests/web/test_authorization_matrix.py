@@ -12,6 +12,7 @@ from django.test import Client
 from migrations_app.choices import TERMINAL
 from migrations_app.models import AuditEntry, MigrationRequest, MigrationRun, VirtualMachine
 from migrations_app.services import requests as svc
+from migrations_app.services.api_tokens import api_token_create
 from tests.conftest import other_host_same_cluster, running_vm
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("review_everything")]
@@ -52,6 +53,7 @@ READS = [
     ("/requests/{mr}/", {"alice", "erin", "dave", "carol"}),
     ("/approvals/", {"erin", "carol"}),
     ("/notifications/", EVERYONE),
+    ("/tokens/", EVERYONE),
     ("/audit/", {"dave", "carol"}),
     ("/audit/export.json", {"dave", "carol"}),
     ("/api/requests/", EVERYONE),
@@ -85,19 +87,22 @@ WRITES = [
 
 
 @pytest.mark.parametrize("action, allowed, allowed_with_bypass", WRITES, ids=[w[0] for w in WRITES])
-@pytest.mark.parametrize("via", ["page", "api"])
+@pytest.mark.parametrize("via", ["page", "api", "token"])
 @pytest.mark.parametrize("bypass", [False, True], ids=["bypass-off", "bypass-on"])
 def test_every_decision_against_every_role(users, datacenter, settings, action, allowed, allowed_with_bypass, via,
                                            bypass):
     settings.PORTAL = {**settings.PORTAL, "ADMIN_BYPASS_APPROVAL": bypass}
     allowed = allowed_with_bypass if bypass else allowed
     vm = running_vm(datacenter)
+    # "token": each role's personal API token, and no session (a token has its user's rights, no more).
+    tokens = {role: api_token_create(user=users[role], name="matrix", days=1)[1] for role in EVERYONE}
     for role in ROLES:
         # Setup only: retire the previous round's request so the VM can be requested again.
         MigrationRequest.objects.filter(vm=vm).exclude(status__in=TERMINAL).update(status="cancelled")
         mr = svc.migration_request_submit(requester=users["alice"], vm=vm, kind="compute",
                                           target_host=other_host_same_cluster(vm), reason="matrix")
-        c = client(users, role)
+        c = client(users, role) if via != "token" else Client(
+            headers={"Authorization": f"Bearer {tokens[role]}"} if role in tokens else {})
         if via == "page":
             c.post(f"/requests/{mr.pk}/{action}/", {"reason": "because", "comment": "ok"})
         else:
