@@ -107,8 +107,10 @@
       }
     });
     subscribe(() => ({ action: "subscribe", stream: "request", id: requestId }));
-    // After settling: htmx puts back the swapped-in elements' own class and style attributes then,
-    // which would undo a bar width set any earlier.
+    // After the swap, so a panel swapped in shows the newest progress at once; and again after
+    // settling: htmx then puts back the swapped-in elements' own class and style attributes,
+    // which undoes a bar width set earlier (both run in the same task: no frame shows a bare bar).
+    document.body.addEventListener("htmx:afterSwap", attachRun);
     document.body.addEventListener("htmx:afterSettle", attachRun);
     attachRun();
   }
@@ -194,7 +196,11 @@
     const body = document.body;
     sizeBars();
     migrateForm();
-    body.addEventListener("htmx:afterSettle", sizeBars);  // settling resets style attributes
+    // Sized as soon as new content is in (a bar that replaced no bar would stay bare until
+    // settling, 20 ms later), and again after settling, which resets the style attributes of the
+    // elements that replaced others.
+    body.addEventListener("htmx:afterSwap", sizeBars);
+    body.addEventListener("htmx:afterSettle", sizeBars);
     keepSelection(body);
     if (body.dataset.live !== "on") return;
     connect();

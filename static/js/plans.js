@@ -61,14 +61,17 @@
       }
     });
     live.subscribe(() => ({ action: "subscribe", stream: "plan", id: planId }));
-    // After htmx has settled the re-read panel (settling restores the new elements' attributes),
-    // size its bars and re-apply the newest run events, which may be newer than the panel.
-    document.body.addEventListener("htmx:afterSettle", () => {
+    // Once the re-read panel is in, size its bars and re-apply the newest run events, which may be
+    // newer than the panel; again after htmx has settled it (settling restores the attributes of
+    // the elements that replaced others, which undoes a width set earlier).
+    const resize = () => {
       document.querySelectorAll("#plan-panel .bar[data-percent]").forEach((bar) => {
         bar.style.width = bar.dataset.percent + "%";
       });
       attachRuns();
-    });
+    };
+    document.body.addEventListener("htmx:afterSwap", resize);
+    document.body.addEventListener("htmx:afterSettle", resize);
     attachRuns();
   }
 
