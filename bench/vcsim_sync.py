@@ -46,7 +46,9 @@ def running_vcsim(flags: list[str] = TEN_THOUSAND) -> Iterator[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="vcsim-bench-", dir=REPO / "lab" / "run") as run_dir:
         env = {**os.environ, "VCSIM_RUN_DIR": run_dir}
         started = time.perf_counter()
-        url = subprocess.run([str(VCSIM), "start", *flags], env=env, check=True, capture_output=True, text=True)
+        url = subprocess.run([str(VCSIM), "start", *flags], env=env, capture_output=True, text=True)
+        if url.returncode:
+            raise RuntimeError(f"vcsim did not start (exit {url.returncode}): {url.stderr.strip()}")
         print(f"vcsim {' '.join(flags)} up in {time.perf_counter() - started:.1f} s")
         try:
             yield url.stdout.strip(), Path(run_dir, "cert.pem").read_text()
