@@ -76,7 +76,10 @@ def api_token_create(*, user, name: str, days: int, ip: str | None = None) -> tu
         raise ActionRefused(f"the expiry must be from 1 to {longest} days", field="days")
     with transaction.atomic():
         # One creation at a time per user, so that the name and count checks hold.
-        get_user_model().objects.select_for_update().filter(pk=user.pk).first()
+        # NO KEY UPDATE: the audit entries and deliveries other transactions insert for this user
+        # take a key-share lock on its row while they hold the audit chain's lock (a plain FOR
+        # UPDATE here, then the chain's lock, deadlocked with them).
+        get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).first()
         mine = list(active_tokens(user))
         if any(t.name == name for t in mine):
             raise ActionRefused(f"you already have an active token named {name!r}", field="name")
@@ -97,7 +100,7 @@ def api_token_create(*, user, name: str, days: int, ip: str | None = None) -> tu
 def api_token_revoke(*, token: ApiToken, actor, ip: str | None = None) -> ApiToken:
     """Revoke a token (its user, or an admin): it stops working at once, and stays listed."""
     with transaction.atomic():
-        token = ApiToken.objects.select_for_update().select_related("user").get(pk=token.pk)
+        token = ApiToken.objects.select_for_update(of=("self",)).select_related("user").get(pk=token.pk)
         refuse_unless(access.can_revoke_api_token(actor, token))
         token.revoked_at, token.revoked_by = timezone.now(), actor
         token.save(update_fields=["revoked_at", "revoked_by"])
@@ -152,19 +155,26 @@ def _touch(token: ApiToken, now, ip: str | None) -> None:
 def api_token_authenticate(*, header: str, ip: str | None):
     """The user an ``Authorization: Bearer <token>`` header stands for, carrying the token as
     ``api_token``. Raises NotAuthenticated when the token is malformed, unknown, revoked, expired
-    or its user deactivated (each audited, and counted against the address's login throttle), or
-    when the address is locked out (then the token is not even looked up: guessing gains nothing)."""
-    if throttle.address_locked_out(ip):
-        _audit_refused(ip=ip, reason="locked out after too many failed logins or API token attempts")
-        raise NotAuthenticated("too many failed logins or API token attempts from this address; try again later",
-                               locked=True)
+    or its user deactivated (each audited).
+
+    Only what a guesser sends (a malformed or unknown token) counts against the address's login
+    throttle; an address locked out gets 429 for those, unaudited (the refusal that locked it says
+    so). A valid token works from a locked-out address: a 256-bit secret is not guessed, and one
+    client's expired token behind a shared proxy address must not lock every script out."""
     now = timezone.now()
     token, problem = _find(header, now)
-    if problem:
+    if not problem:
+        _touch(token, now, ip)
+        user = token.user
+        user.api_token = token
+        return user
+    guess = token is None
+    if guess and throttle.address_locked_out(ip):
+        raise NotAuthenticated("too many failed logins or API token attempts from this address; try again later",
+                               locked=True)
+    if guess:
         throttle.record_address_failure(ip)
-        _audit_refused(ip=ip, reason=problem, token=token)
-        raise NotAuthenticated(problem)
-    _touch(token, now, ip)
-    user = token.user
-    user.api_token = token
-    return user
+        if throttle.address_locked_out(ip):
+            problem += "; this address is now locked out of logins and token attempts for a while"
+    _audit_refused(ip=ip, reason=problem, token=token)
+    raise NotAuthenticated(problem)

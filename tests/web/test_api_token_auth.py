@@ -243,27 +243,42 @@ def test_what_a_token_does_is_audited_as_its_user_naming_the_token(users, datace
 # -- throttling and last use ---------------------------------------------------------------------
 
 
-def test_repeated_bad_tokens_lock_the_address_out_of_tokens_and_logins(users, settings):
+def test_repeated_bad_tokens_lock_the_address_out_of_guesses_and_logins_but_not_valid_tokens(users, settings):
     settings.PORTAL = {**settings.PORTAL, "LOGIN_MAX_FAILURES": 3}
     good = secret_of(users, "alice")
     guesser = Client(headers={"Authorization": "Bearer mvp_" + "G" * 43})
     for _ in range(3):
         assert guesser.get("/api/requests/").status_code == 401
-    locked = token_client(good).get("/api/requests/")  # even a good token, from that address
+    assert AuditEntry.objects.filter(action=AuditAction.API_TOKEN_REFUSED, reason__contains="now locked out").count() == 1
+    refused = AuditEntry.objects.filter(action=AuditAction.API_TOKEN_REFUSED).count()
+    locked = guesser.get("/api/requests/")
     assert locked.status_code == 429 and "too many failed" in locked.json()["error"]
     assert int(locked["Retry-After"]) == settings.PORTAL["LOGIN_LOCKOUT_S"]
+    # Locked-out guesses are not audited one by one (the refusal that locked the address said so).
+    assert AuditEntry.objects.filter(action=AuditAction.API_TOKEN_REFUSED).count() == refused
     login = Client().post("/login/", {"username": "bob", "password": "pw-bob"})
     assert login.status_code == 429  # the login form shares the address's count
-    assert AuditEntry.objects.filter(action=AuditAction.API_TOKEN_REFUSED, reason__contains="locked out").exists()
-    # Another address is not locked out.
-    assert token_client(good, REMOTE_ADDR="10.1.2.3").get("/api/requests/").status_code == 200
+    # A valid token is not a guess: it still works from that address.
+    assert token_client(good).get("/api/requests/").status_code == 200
 
 
-def test_failed_logins_count_against_token_attempts_from_the_same_address(users, settings):
+def test_refused_known_tokens_do_not_lock_the_address_out(users, settings):
+    # A forgotten cron job's expired token must not lock out everything behind its address.
+    settings.PORTAL = {**settings.PORTAL, "LOGIN_MAX_FAILURES": 2}
+    token, secret = api_token_create(user=users["bob"], name="old-cron", days=1)
+    ApiToken.objects.filter(pk=token.pk).update(expires_at=timezone.now() - timedelta(days=1))
+    for _ in range(4):
+        assert token_client(secret).get("/api/requests/").status_code == 401
+    assert Client().post("/login/", {"username": "bob", "password": "pw-bob"}).status_code == 302
+    assert token_client(secret_of(users, "alice")).get("/api/requests/").status_code == 200
+
+
+def test_failed_logins_count_against_token_guesses_from_the_same_address(users, settings):
     settings.PORTAL = {**settings.PORTAL, "LOGIN_MAX_FAILURES": 2}
     for name in ("nobody", "someone"):
         Client().post("/login/", {"username": name, "password": "guess"})
-    assert token_client(secret_of(users, "alice")).get("/api/requests/").status_code == 429
+    assert Client(headers={"Authorization": "Bearer mvp_" + "H" * 43}).get("/api/requests/").status_code == 429
+    assert token_client(secret_of(users, "alice")).get("/api/requests/").status_code == 200
 
 
 def _token_updates(queries) -> list[str]:
