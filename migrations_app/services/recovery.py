@@ -89,18 +89,25 @@ def migration_run_reconcile_stale(*, stale_after_s: float | None = None, now=Non
     cutoff = now - timedelta(seconds=stale_after_s)
     stale = list(MigrationRun.objects.filter(
         request__status__in=[S.RUNNING, S.CANCELLING], heartbeat_at__lt=cutoff).order_by("pk").values_list(
-        "pk", "handed_at"))
+        "pk", "handed_at", "task_id", "phase"))
     counts = {"requeued": 0, "adopted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "errored": 0,
               "unreachable": 0}
-    never_handed = [pk for pk, handed_at in stale if handed_at is None]
+    never_handed = [pk for pk, *fields in stale if _never_handed(*fields)]
     for start in range(0, len(never_handed), MAX_BATCH):
         for outcome, count in _reconcile_never_handed(never_handed[start:start + MAX_BATCH], cutoff, now).items():
             counts[outcome] += count
-    for run_id in [pk for pk, handed_at in stale if handed_at is not None]:
+    for run_id in [pk for pk, *fields in stale if not _never_handed(*fields)]:
         outcome = _reconcile(run_id, cutoff, now)
         if outcome:
             counts[outcome] += 1
     return counts
+
+
+def _never_handed(handed_at, task_id: str, phase: str) -> bool:
+    """The hypervisor was never asked to move this run: no hand-over recorded, and nothing the
+    driver reports (a task id, a phase past the pre-check) either. The second half covers a worker
+    of a release before ``handed_at`` (a rolling deploy), which hands runs over without recording it."""
+    return handed_at is None and not task_id and phase == Phase.PRECHECK
 
 
 # The words of a requeue: its run event, its audit entry, the reconciliation of a run not requeued.
@@ -123,7 +130,7 @@ def _reconcile_never_handed(run_ids: list[int], cutoff, now) -> dict[str, int]:
         back, ended = [], []
         for run in runs:
             request = run.request = requests[run.request_id]
-            if (request.status not in (S.RUNNING, S.CANCELLING) or run.handed_at is not None
+            if (request.status not in (S.RUNNING, S.CANCELLING) or not _never_handed(run.handed_at, run.task_id, run.phase)
                     or run.heartbeat_at is None or run.heartbeat_at >= cutoff):
                 continue  # settled, handed or renewed meanwhile: its worker, or the next pass, sees to it
             if request.status == S.CANCELLING:

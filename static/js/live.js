@@ -120,6 +120,7 @@
     const bar = document.getElementById("run-bar");
     if (bar) {
       bar.style.width = ev.percent + "%";
+      bar.dataset.percent = String(ev.percent);  // what sizeBars applies again after htmx settles
       bar.parentElement.setAttribute("aria-valuenow", String(Math.round(ev.percent)));
     }
     const phase = document.getElementById("run-phase");

@@ -79,6 +79,22 @@ def test_a_handed_run_the_hypervisor_never_started_is_failed_after_asking_it_not
     assert not AuditEntry.objects.filter(request=request, action=AuditAction.RUN_REQUEUED).exists()
 
 
+def test_a_run_an_older_worker_handed_over_without_recording_it_is_not_put_back_in_line(datacenter, users):
+    # A rolling deploy: a worker of the release before handed_at started the move and died; its
+    # run has no handed_at, but the driver had reported a task and a phase: the hypervisor is asked.
+    vm = running_vm(datacenter)
+    run = approved_run(users["alice"], users["erin"], vm)
+    _claim(run.pk, "old-worker")
+    MigrationRun.objects.filter(pk=run.pk).update(task_id="task-from-an-old-worker", phase="memory_precopy")
+    stale(run)
+    counts = migration_run_reconcile_stale(stale_after_s=60)
+    assert counts["requeued"] == 0 and counts["failed"] == 1, counts
+    request = MigrationRequest.objects.get(pk=run.request_id)
+    assert request.status == S.FAILED
+    assert not AuditEntry.objects.filter(request=request, action=AuditAction.RUN_REQUEUED).exists()
+    assert AuditEntry.objects.filter(request=request, action=AuditAction.RUN_RECONCILED).exists()
+
+
 def test_a_claimed_run_never_handed_to_the_hypervisor_goes_back_in_line_and_a_later_worker_moves_it(
         datacenter, users, monkeypatch, django_capture_on_commit_callbacks):
     from migrations_app.services import recovery
@@ -411,4 +427,6 @@ def test_a_driver_that_ignores_its_budget_is_aborted_by_its_worker_and_the_run_f
     run.refresh_from_db()
     assert MigrationRequest.objects.get(pk=run.request_id).status == S.FAILED
     assert "timed out after 1 s" in run.explanation and "the portal aborted it" in run.explanation
+    # The driver's own words on where the VM is are kept (a cold move says whether it runs again).
+    assert run.explanation.endswith(f"so the portal aborted it: migration of {vm.name} cancelled; it stays where it was")
     assert driver.placement(vm.ref).host_ref == vm.host.ref

@@ -153,9 +153,11 @@ def _finish_ended(runs: list[MigrationRun], indexes: list[int], ended: dict[int,
             outcome.error = result if isinstance(result, BaseException) else RuntimeError(f"driver returned {result!r}")
             outcome.traceback = "".join(traceback.format_exception(outcome.error))
         if overdue[i] and isinstance(outcome.error, drv.MigrationCancelled):
+            # The driver's words say where the VM is (a cold move: powered on again, or left off).
             outcome.error = drv.MigrationTimedOut(
                 f"{watchdog.timed_out_text(run.timeout_s)}: the driver did not stop the move at its budget, "
-                "so the portal aborted it; the VM stays on its source")
+                f"so the portal aborted it: {outcome.error.message}",
+                hypervisor_message=outcome.error.hypervisor_message, code=outcome.error.code)
     migration_runs_finish([(runs[i], outcomes[runs[i].pk]) for i in indexes])
 
 
