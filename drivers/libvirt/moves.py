@@ -296,15 +296,16 @@ class MovesMixin:
             if not dom.isActive():
                 return False
             if dom.jobStats(0).get("type") in ACTIVE_JOB_TYPES:
-                self._abort(dom)
-                return True
+                return self._abort(dom)  # refused: the task's own end tells what became of it
             copying = [d.dev for d in lxml.parse_domain(dom.XMLDesc(0)).disks if dom.blockJobInfo(d.dev, 0)]
+        aborted = False
         for dev in copying:
             try:
                 dom.blockJobAbort(dev, 0)  # no PIVOT: the guest keeps its old disk
+                aborted = True
             except sdk.libvirt.libvirtError as err:
                 log.warning("blockJobAbort(%s) failed (the copy may have just ended): %s", dev, err.get_error_message())
-        return bool(copying)
+        return aborted
 
     # Volumes ------------------------------------------------------------------------------------
     def _create_target_volumes(self, plan: Plan, conn: sdk.libvirt.virConnect) -> list[str]:

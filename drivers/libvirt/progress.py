@@ -124,11 +124,15 @@ class ProgressMixin:
                     log.info("migration of %s switched to post-copy after %s passes", plan.vm.name, iteration)
 
     @staticmethod
-    def _abort(dom: sdk.libvirt.virDomain) -> None:
+    def _abort(dom: sdk.libvirt.virDomain) -> bool:
+        """Ask libvirt to abort the domain's job; False when it refused (the job may have just
+        ended, or be past the point of no return, as a post-copy migration is)."""
         try:
             dom.abortJob()
         except sdk.libvirt.libvirtError as err:
             log.warning("abortJob failed (the job may have just ended): %s", err.get_error_message())
+            return False
+        return True
 
     # Block copies on one host ---------------------------------------------------------------------
     def _follow_block_copies(
@@ -156,8 +160,10 @@ class ProgressMixin:
             for move in running:
                 status = watch.block_status.get(move.dev, watch.block_status.get(move.source_path))
                 # The job is gone: its BLOCK_JOB_2 event (which says why) may trail the poll by a moment.
+                # (A copy that was READY and then vanished has status READY until that event.)
                 settle = time.monotonic() + 1.0
-                while not infos[move.dev] and status is None and time.monotonic() < settle:
+                while (not infos[move.dev] and status in (None, sdk.libvirt.VIR_DOMAIN_BLOCK_JOB_READY)
+                       and time.monotonic() < settle):
                     watch.wake.wait(0.05)
                     watch.wake.clear()
                     status = watch.block_status.get(move.dev, watch.block_status.get(move.source_path))
