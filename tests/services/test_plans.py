@@ -136,6 +136,32 @@ def test_cold_move_fallback_powers_off_moves_and_powers_on(evac_dc, users, djang
     assert VirtualMachine.objects.get(pk=stuck.vm_id).host_id == stuck.target_host_id
 
 
+def test_a_failed_cold_move_is_not_retried_by_itself(evac_dc, users, django_capture_on_commit_callbacks,
+                                                     settings, monkeypatch):
+    # Its first attempt may have left the VM powered off; a second would take it for a VM that was
+    # off and leave it off, reporting success.
+    from drivers.base import MigrationFailed
+    from migrations_app.services.inventory import driver_for
+
+    settings.PORTAL = {**settings.PORTAL, "PLAN_MAX_ATTEMPTS": 3}
+
+    def fails(self, spec, **kwargs):
+        raise MigrationFailed("the relocation failed after the power-off; VM pinned-local is left powered off")
+
+    monkeypatch.setattr(type(driver_for(evac_dc)), "cold_move", fails)
+    plan = build(evac_dc, users)
+    stuck = plan.items.get(movable=False)
+    svc.move_plan_set_fallback(plan=plan, actor=users["carol"], item=stuck, fallback="cold_move")
+    svc.move_plan_submit(plan=plan, actor=users["carol"])
+    svc.move_plan_approve(plan=plan, actor=users["erin"])
+    run_all(django_capture_on_commit_callbacks)
+    stuck.refresh_from_db()
+    assert stuck.status == Item.FAILED and stuck.attempts == 1, (stuck.status, stuck.attempts)
+    assert "not retried by itself" in stuck.explanation and "left powered off" in stuck.explanation
+    assert MigrationRequest.objects.filter(vm=stuck.vm).count() == 1
+    assert not AuditEntry.objects.filter(action=AuditAction.PLAN_ITEM_RETRIED, object_id=str(plan.pk)).exists()
+
+
 def test_a_cold_moves_budget_counts_its_power_operations_and_no_memory(settings):
     from migrations_app.services.runs import completion_budget_s
 

@@ -94,7 +94,9 @@ def plan_request_settled(request_id: int) -> None:
         if request.status == RequestStatus.SUCCEEDED:
             item.status, item.explanation = Item.SUCCEEDED, said
         elif request.status in (RequestStatus.FAILED, RequestStatus.ERRORED) and plan.cancel_requested_at is None \
-                and item.attempts < item.max_attempts:
+                and item.attempts < item.max_attempts and not request.cold:
+            # A cold move is never retried by itself: its first attempt may have left the VM
+            # powered off, and a second would take it for a VM that was off and leave it so.
             audit_plan(plan, actor=None, action=AuditAction.PLAN_ITEM_RETRIED, outcome=AuditOutcome.FAILURE,
                    reason=f"attempt {item.attempts} of {item.max_attempts} {request.status}: {said}",
                    vm_name=item.vm.name, data={"item": item.pk, "request": request.pk})
@@ -102,6 +104,9 @@ def plan_request_settled(request_id: int) -> None:
             finish_if_done(plan)
             notify_plan_changed(plan)
             return
+        elif request.status in (RequestStatus.FAILED, RequestStatus.ERRORED) and request.cold:
+            item.status = Item.FAILED
+            item.explanation = f"The cold move failed and is not retried by itself (check the VM's power state): {said}"
         elif request.status in (RequestStatus.FAILED, RequestStatus.ERRORED):
             item.status = Item.FAILED
             item.explanation = f"Gave up after {item.attempts} attempt{'s' if item.attempts > 1 else ''}: {said}"
