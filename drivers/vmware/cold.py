@@ -60,7 +60,17 @@ class ColdMoves:
         vm, was_on = facts.vm, facts.vm.power == "poweredOn"
         source = self._host_name(vm.host_ref)
         if was_on:
-            self._power_off(facts, progress, source)
+            try:
+                self._power_off(facts, progress, source)
+            except _CALL_ERRORS as exc:
+                # The shutdown or power-off may have been sent: say where the VM is, running
+                # again if it went down (a refusal says it keeps running; so does this, then).
+                error = exc if isinstance(exc, DriverError) else translate(
+                    exc, endpoint=self.endpoint, default=MigrationFailed,
+                    context=f"vCenter did not power VM {vm.name} off for the cold move")
+                if error is None:  # not a vCenter or connection error: the portal's bug
+                    raise
+                raise self._given_back(error, facts, source, was_on=True, off_at=time.monotonic()) from None
         else:
             progress(Phase.PRECHECK, 0.0, message=f"moving {vm.name} (it stays {vm.power})")
         off_at = time.monotonic()
@@ -165,8 +175,17 @@ class ColdMoves:
         """``error`` (of the same class) saying what became of the VM: a VM this move powered off
         is powered on again on its source first, and the owner learns it was off, or is still."""
         vm = facts.vm
+        try:
+            off = self._is_off(vm.ref) if was_on else True
+        except _CALL_ERRORS:
+            off = None
         if not was_on:
             note = f"VM {vm.name} stays {vm.power} on {source}"
+        elif off is False:
+            note = f"VM {vm.name} keeps running on its source host {source}"
+        elif off is None:
+            note = (f"vCenter could not say whether VM {vm.name} still runs: it may be left powered off on its "
+                    f"source host {source}")
         else:
             failure = self._power_on(vm.ref)
             if failure is None:

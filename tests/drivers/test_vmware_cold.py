@@ -201,6 +201,31 @@ def test_a_failed_relocation_after_the_power_off_powers_the_vm_on_again_on_its_s
     assert "was powered off for" in said and f"runs again on its source host {source.name}" in said, said
 
 
+def test_a_connection_lost_while_powering_off_powers_the_vm_on_again_or_says_it_keeps_running(lab, monkeypatch):
+    # The shutdown or power-off may have been sent when the answer is lost: the VM's owner learns
+    # where it is, and a VM that went down runs again on its source.
+    from drivers.vmware.cold import ColdMoves
+
+    real_power_off = ColdMoves._power_off
+    went_down = find(lab, vim.VirtualMachine, "DC0_C0_H1_VM0")
+    stayed_up = find(lab, vim.VirtualMachine, "DC0_C0_H2_VM3")
+
+    def lost_after(self, facts, progress, source):
+        if facts.vm.ref == went_down._moId:
+            real_power_off(self, facts, progress, source)
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(ColdMoves, "_power_off", lost_after)
+    for vm, expected in ((went_down, "runs again on its source host"), (stayed_up, "keeps running on its source host")):
+        source, before = vm.runtime.host, task_ids(lab)
+        error, _ = cold_move(lab, MigrationSpec(vm._moId, target_host_ref=other_host(lab, vm)._moId))
+        assert not isinstance(error, MigrationResult), error
+        said = error.explanation()
+        assert f"{expected} {source.name}" in said, said
+        assert (vm.runtime.host, vm.runtime.powerState) == (source, "poweredOn")
+        assert "VirtualMachine.relocateVm" not in power_tasks_since(lab, vm, before)
+
+
 def test_when_the_power_on_fails_too_the_error_says_where_the_vm_is_left_powered_off(lab):
     vm = find(lab, vim.VirtualMachine, "DC0_C0_H1_VM2")  # vCenter refuses RelocateVM_Task and PowerOnVM_Task
     source = vm.runtime.host
