@@ -279,12 +279,23 @@ class MovesMixin:
             if error_code(err) != jobs.ERR_NO_DOMAIN:
                 raise translate(err, f"cannot look up the VM of task {task_id} on {source}", ConnectionFailed) from err
             return self.task_info(task_id)  # no longer on its source: the move ended (see task_info)
-        aborted = self._abort_jobs(dom)
-        deadline = time.monotonic() + self.abort_wait_s
-        info = self.task_info(task_id)
-        while info.state == TaskState.RUNNING and time.monotonic() < deadline:
-            time.sleep(self.poll_interval)
+        # The job's end wakes the wait (JOB_COMPLETED for a migration, BLOCK_JOB_2 for a copy);
+        # registered before the abort, so an end that comes at once is not missed.
+        conn, watch = self.conn(source), JobWatch()
+        callbacks = self._register(conn, dom, watch, (
+            (sdk.libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, on_job_completed),
+            (sdk.libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, on_block_job),
+        ))
+        try:
+            aborted = self._abort_jobs(dom)
+            deadline = time.monotonic() + self.abort_wait_s
             info = self.task_info(task_id)
+            while info.state == TaskState.RUNNING and time.monotonic() < deadline:
+                watch.wake.wait(self.poll_interval)  # the event, or a look again (an event may be lost)
+                watch.wake.clear()
+                info = self.task_info(task_id)
+        finally:
+            self._deregister(conn, callbacks)
         if aborted and info.state == TaskState.FAILED:
             return TaskInfo(task_id, TaskState.CANCELLED, f"aborted; {info.message}")
         return info
