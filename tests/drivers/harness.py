@@ -44,10 +44,17 @@ class Harness:
     def _running_vms(self, inv: Inventory) -> list[VirtualMachine]:
         return [vm for vm in inv.vms if vm.power_state == PowerState.ON and not any(t.startswith("sim:") for t in vm.tags)]
 
-    def disks_can_follow(self, vm: VirtualMachine, host_ref: str, stores: dict) -> bool:
-        """Whether a compute move of ``vm`` to that host keeps every disk reachable: by default,
-        each of its datastores is mounted there too."""
-        return all(host_ref in stores[ds].host_refs for ds in vm.datastore_refs)
+    # Moves that change storage take VMs on storage no other host sees, and put them on such
+    # storage, where there is a choice: the VMs on shared storage stay there for the compute moves
+    # later tests ask for (a compute move needs storage its target host sees).
+    def _storage_movers(self, inv: Inventory) -> list[VirtualMachine]:
+        stores = {d.ref: d for d in inv.datastores}
+        return sorted(self._running_vms(inv),
+                      key=lambda vm: all(len(stores[ds].host_refs) > 1 for ds in vm.datastore_refs))
+
+    @staticmethod
+    def _unshared_first(inv: Inventory) -> list:
+        return sorted(inv.datastores, key=lambda d: len(d.host_refs))
 
     def compute_spec(self) -> MigrationSpec:
         return self.compute_specs(1)[0]
@@ -66,7 +73,7 @@ class Harness:
                     and host.cluster_ref == source.cluster_ref
                     and host.connected
                     and not host.maintenance
-                    and self.disks_can_follow(vm, host.ref, stores)
+                    and all(host.ref in stores[ds].host_refs for ds in vm.datastore_refs)
                 ):
                     specs.append(MigrationSpec(vm.ref, target_host_ref=host.ref))
                     break
@@ -76,8 +83,8 @@ class Harness:
 
     def storage_spec(self) -> MigrationSpec:
         inv = self.driver.inventory()
-        for vm in self._running_vms(inv):
-            for ds in inv.datastores:
+        for vm in self._storage_movers(inv):
+            for ds in self._unshared_first(inv):
                 if (
                     ds.ref not in vm.datastore_refs
                     and vm.host_ref in ds.host_refs
@@ -90,12 +97,12 @@ class Harness:
     def both_spec(self) -> MigrationSpec:
         inv = self.driver.inventory()
         hosts = {h.ref: h for h in inv.hosts}
-        for vm in self._running_vms(inv):
+        for vm in self._storage_movers(inv):
             source = hosts[vm.host_ref]
             for host in inv.hosts:
                 if host.ref == source.ref or host.cluster_ref != source.cluster_ref or host.maintenance or not host.connected:
                     continue
-                for ds in inv.datastores:
+                for ds in self._unshared_first(inv):
                     if ds.ref not in vm.datastore_refs and host.ref in ds.host_refs and ds.free_bytes > vm.disk_bytes:
                         return MigrationSpec(vm.ref, target_host_ref=host.ref, target_datastore_ref=ds.ref)
         raise AssertionError("the peer's inventory offers no valid combined move")

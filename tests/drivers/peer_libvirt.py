@@ -119,17 +119,6 @@ class LibvirtHarness(Harness):
     def other_host(self, host: str) -> str:
         return next(h for h in self.uris if h != host)
 
-    def disks_can_follow(self, vm, host_ref: str, stores: dict) -> bool:
-        """A disk on a host's own pool is copied into the pool of the same name on the target
-        (COMPUTE_COPIES_LOCAL_DISKS): earlier tests leave VMs on such pools."""
-        for ds in vm.datastore_refs:
-            if host_ref in stores[ds].host_refs:
-                continue
-            same = stores.get(f"{host_ref}/pool/{ds.rsplit('/', 1)[1]}")
-            if same is None or not same.accessible or same.free_bytes <= vm.disk_bytes:
-                return False
-        return True
-
     def slow_spec(self) -> MigrationSpec:
         vm = next(vm for vm in self.driver.inventory().vms if NEVER_CONVERGE in vm.tags)
         return MigrationSpec(vm.ref, target_host_ref=self.other_host(vm.host_ref), bandwidth_bytes_per_s=SLOW_BANDWIDTH)
